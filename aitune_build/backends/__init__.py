@@ -1,0 +1,27 @@
+"""Backends: one file per kind, each a small class behind `Backend`; torch and friends are imported inside methods.
+
+This module and every backend module import without torch, so planning and no-op builds stay light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import Backend, BuildContext
+
+_KINDS = {
+    "export": "export:ExportBackend",
+    "inductor_aot": "inductor_aot:InductorAotBackend",
+    "inductor_jit": "inductor_jit:InductorJitBackend",
+    "eager": "eager:EagerBackend",
+    "torch_tensorrt_jit": "torch_tensorrt_jit:TorchTensorRTJitBackend",
+    "torch_tensorrt_aot": "torch_tensorrt_aot:TorchTensorRTAotBackend",
+}
+
+
+def backend_for(kind: str) -> type[Backend]:
+    module, cls = _KINDS[kind].split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+__all__ = ["Backend", "BuildContext", "backend_for"]

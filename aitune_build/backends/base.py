@@ -1,0 +1,89 @@
+"""The one interface every backend implements, CPU and Torch-TensorRT alike."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..manifest import InputSpec
+from ..toolchain import dist_version, gpu_info, has_module
+
+
+@dataclass
+class BuildContext:
+    """What a backend gets to build or load one target. Built in the worker process (torch is imported there)."""
+
+    config: Any  # the validated backend config (frozen pydantic model)
+    inputs: list[InputSpec]
+    root: Path  # the manifest's folder
+    artifact_dir: Path  # build: where to write the artifact files; load: where they are
+    make_module: Callable[[], Any]  # a fresh eager module, eval mode, on the backend's device
+    upstream: Path | None = None  # an upstream target's artifact file (a `from` edge)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> str:
+        return self.config.device
+
+    def example(self, which: str = "opt", seed: int = 0) -> dict[str, Any]:
+        from ..inputs import make_inputs
+
+        return make_inputs(self.inputs, which, seed=seed, root=self.root, device=self.device)
+
+    def source_module(self) -> Any:
+        """The module to compile: the upstream exported program's module for a `from` edge, else the factory's."""
+        if self.upstream is not None:
+            import torch
+
+            return torch.export.load(str(self.upstream)).module()
+        return self.make_module()
+
+
+class Backend:
+    kind: ClassVar[str]
+    artifact: ClassVar[str]  # the main file written into artifact_dir
+    # Distributions whose versions go into the key; each entry lists alternative names of one library.
+    libraries: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    # Whether two clean builds of the same inputs give identical artifact bytes (see docs/reproducibility.md).
+    deterministic: ClassVar[bool] = False
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.config.device == "cuda"
+
+    def toolchain(self) -> dict[str, Any]:
+        """Library versions (and GPU) that go into this backend's keys. No torch import."""
+        found: dict[str, Any] = {}
+        for names in (("torch",),) + self.libraries:
+            hit = dist_version(*names)
+            found[names[0]] = f"{hit[0]} {hit[1]}" if hit else None
+        if self.needs_gpu:
+            found["gpu"] = gpu_info()
+        return found
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run on this machine, with what to install; None when it can. No torch import."""
+        if not has_module("torch"):
+            return "torch is not installed: pip install torch"
+        if self.needs_gpu and gpu_info() is None:
+            return "needs an NVIDIA GPU with CUDA (nvidia-smi found none)"
+        return None
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        """Compile into ctx.artifact_dir; return a record of what was done (goes into build.json)."""
+        raise NotImplementedError
+
+    def write_record(self, ctx: BuildContext) -> None:
+        """The artifact of a backend that keeps no compiled file: what to recompile from."""
+        record = {"kind": self.kind, "config": self.config.model_dump(mode="json")}
+        (ctx.artifact_dir / self.artifact).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def load(self, ctx: BuildContext) -> Callable[..., Any]:
+        """A callable taking the inputs as keyword arguments, from the artifact in ctx.artifact_dir."""
+        raise NotImplementedError

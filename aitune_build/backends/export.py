@@ -1,0 +1,35 @@
+"""torch.export -> .pt2. Dynamic axes become torch.export.Dims."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Backend, BuildContext
+
+
+def export_program(module: Any, ctx: BuildContext, strict: bool = False) -> Any:
+    import torch
+
+    from ..inputs import export_dynamic_shapes
+
+    return torch.export.export(
+        module, args=(), kwargs=ctx.example("opt"), dynamic_shapes=export_dynamic_shapes(ctx.inputs), strict=strict
+    )
+
+
+class ExportBackend(Backend):
+    kind = "export"
+    artifact = "model.pt2"
+    deterministic = True
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        ep = export_program(ctx.make_module(), ctx, strict=self.config.strict)
+        torch.export.save(ep, str(ctx.artifact_dir / self.artifact))
+        return {"graph_nodes": len(ep.graph.nodes)}
+
+    def load(self, ctx: BuildContext):
+        import torch
+
+        return torch.export.load(str(ctx.artifact_dir / self.artifact)).module()

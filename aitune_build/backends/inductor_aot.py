@@ -1,0 +1,31 @@
+"""AOTInductor package -> .pt2; its input is the factory's module or an upstream export target's program."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Backend, BuildContext
+from .export import export_program
+
+
+class InductorAotBackend(Backend):
+    kind = "inductor_aot"
+    artifact = "model.pt2"
+    deterministic = False  # see docs/reproducibility.md
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+
+        if ctx.upstream is not None:
+            ep = torch.export.load(str(ctx.upstream))
+        else:
+            ep = export_program(ctx.make_module(), ctx)
+        torch._inductor.aoti_compile_and_package(
+            ep, package_path=str(ctx.artifact_dir / self.artifact), inductor_configs=dict(self.config.inductor_configs)
+        )
+        return {}
+
+    def load(self, ctx: BuildContext):
+        import torch
+
+        return torch._inductor.aoti_load_package(str(ctx.artifact_dir / self.artifact))

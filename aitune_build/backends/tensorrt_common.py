@@ -1,0 +1,148 @@
+"""What the two Torch-TensorRT backends share: version facts, compile_config checking, precision translation.
+
+The version logic is plain functions over (version, is_rtx, names) so the CPU test suite covers every branch;
+torch_tensorrt itself is imported only inside functions that run on a GPU machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UserError, did_you_mean
+from ..toolchain import has_module
+
+LIBRARIES = (
+    ("torch_tensorrt", "torch-tensorrt", "torch-tensorrt-rtx", "torch_tensorrt_rtx"),
+    ("tensorrt", "tensorrt-rtx", "tensorrt_rtx", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13", "tensorrt_cu12"),
+)
+INSTALL_HINT = "pip install torch-tensorrt (NVIDIA TensorRT) or torch-tensorrt-rtx (TensorRT-RTX), matching your torch"
+# Keys compile() and torch.compile's options take besides CompilationSettings fields.
+EXTRA_KEYS = frozenset({"engine_cache_dir", "engine_cache_size"})
+# Keys the backends set themselves: a user value would be overridden, so it is refused.
+MANAGED_KEYS = frozenset({"engine_cache_dir", "cache_built_engines", "reuse_cached_engines", "device"})
+_DTYPE_ALIASES = {"float16": "float16", "half": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float32": "float32", "float": "float32", "fp32": "float32", "int8": "int8", "fp8": "float8_e4m3fn",
+                  "float8_e4m3fn": "float8_e4m3fn"}
+
+
+def unavailable(needs_gpu_reason: str | None) -> str | None:
+    if not has_module("torch_tensorrt"):
+        return f"torch_tensorrt is not installed: {INSTALL_HINT}"
+    return needs_gpu_reason
+
+
+def parse_version(text: str) -> tuple[int, int]:
+    parts = text.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return (0, 0)
+
+
+def check_compile_config(config: dict[str, Any], settings_fields: set[str], version: str, key: str) -> None:
+    """Refuse keys the installed CompilationSettings lacks (torch_tensorrt drops them silently) or that we manage."""
+    for name in config:
+        if name in MANAGED_KEYS:
+            raise UserError(f"{key}.{name}: set by aitune-build itself (the engine cache lives in the target's output); remove it")
+        if name not in settings_fields and name not in EXTRA_KEYS:
+            raise UserError(
+                f"{key}.{name}: not a CompilationSettings field of the installed torch_tensorrt {version}"
+                f"{did_you_mean(name, settings_fields)}; torch_tensorrt would ignore it silently"
+            )
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How to get the requested precision out of the installed torch_tensorrt."""
+
+    cast: str | None  # cast module and floating inputs to this dtype before compiling
+    settings: dict[str, Any]  # compile_config after translation (dtype names still strings)
+    note: str
+
+
+def plan_precision(requested: str, compile_config: dict[str, Any], version: str, is_rtx: bool) -> PrecisionPlan:
+    """Translate `requested` (float32 | float16 | bfloat16) for this torch_tensorrt.
+
+    - 2.10+ under its default explicit typing raises on enabled_precisions={half}; 2.13+ ignores it silently;
+      TensorRT-RTX builds fp32 engines even with use_explicit_typing=False. What works on all of them: cast the
+      module and the inputs, keep explicit typing, and let the engine follow the graph's dtypes.
+    - Before 2.10 (weak typing) enabled_precisions is honoured, so it is passed as given.
+    """
+    settings = dict(compile_config)
+    major_minor = parse_version(version)
+    if requested == "float32":
+        settings.pop("enabled_precisions", None) if major_minor >= (2, 10) else None
+        return PrecisionPlan(None, settings, "fp32")
+    if major_minor < (2, 10) and not is_rtx:
+        settings["enabled_precisions"] = sorted(set(settings.get("enabled_precisions", [])) | {requested})
+        return PrecisionPlan(None, settings, f"{requested} through enabled_precisions (weakly typed torch_tensorrt {version})")
+    settings.pop("enabled_precisions", None)
+    settings.pop("use_explicit_typing", None)
+    flavour = "TensorRT-RTX" if is_rtx else "TensorRT"
+    return PrecisionPlan(requested, settings, f"{requested} by casting module and inputs (explicit typing, {flavour}, torch_tensorrt {version})")
+
+
+def to_torch_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Dtype names in enabled_precisions become torch dtypes."""
+    import torch
+
+    out = dict(settings)
+    if "enabled_precisions" in out:
+        out["enabled_precisions"] = {getattr(torch, _DTYPE_ALIASES.get(str(p).removeprefix("torch."), str(p))) for p in out["enabled_precisions"]}
+    return out
+
+
+def installed() -> tuple[str, bool, set[str]]:
+    """(torch_tensorrt version, TensorRT-RTX?, CompilationSettings field names). Imports torch_tensorrt."""
+    import dataclasses
+
+    import torch_tensorrt
+    from torch_tensorrt.dynamo import CompilationSettings
+
+    is_rtx = bool(getattr(torch_tensorrt.ENABLED_FEATURES, "tensorrt_rtx", False))
+    return torch_tensorrt.__version__, is_rtx, {f.name for f in dataclasses.fields(CompilationSettings)}
+
+
+def prepare(ctx: Any, config: Any) -> tuple[Any, PrecisionPlan, str]:
+    """Check compile_config against the installed version and plan precision. Returns (torch settings, plan, version)."""
+    version, is_rtx, fields = installed()
+    check_compile_config(config.compile_config, fields, version, f"backends.{ctx.extra.get('backend_name', config.kind)}.compile_config")
+    plan = plan_precision(config.precision, config.compile_config, version, is_rtx)
+    return to_torch_settings(plan.settings), plan, version
+
+
+def cast_inputs(inputs: dict[str, Any], dtype_name: str | None) -> dict[str, Any]:
+    if dtype_name is None:
+        return inputs
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in inputs.items()}
+
+
+def trt_inputs(specs: list[Any], cast: str | None) -> dict[str, Any]:
+    """{name: torch_tensorrt.Input(min, opt, max)} for every input spec."""
+    import torch
+    import torch_tensorrt
+
+    from ..inputs import concrete_shape
+
+    out = {}
+    for s in specs:
+        dtype = getattr(torch, s.dtype)
+        if cast is not None and dtype.is_floating_point:
+            dtype = getattr(torch, cast)
+        out[s.name] = torch_tensorrt.Input(min_shape=concrete_shape(s, "min"), opt_shape=concrete_shape(s, "opt"),
+                                           max_shape=concrete_shape(s, "max"), dtype=dtype, name=s.name)
+    return out
+
+
+class CastingCall:
+    """Calls fn with floating inputs cast to the engine's dtype (what a cast-precision engine takes)."""
+
+    def __init__(self, fn: Any, cast: str | None):
+        self.fn, self.cast = fn, cast
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.fn(**cast_inputs(inputs, self.cast))

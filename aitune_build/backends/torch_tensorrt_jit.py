@@ -1,0 +1,52 @@
+"""torch.compile(backend="torch_tensorrt"): compiled at run time. The build compiles, warms up and checks; the stored
+artifact is the record plus torch_tensorrt's engine cache for this key, so a later load() starts warm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import tensorrt_common as trt
+from .base import Backend, BuildContext
+
+ENGINE_CACHE = "engine_cache"
+
+
+class TorchTensorRTJitBackend(Backend):
+    kind = "torch_tensorrt_jit"
+    artifact = "record.json"
+    libraries = trt.LIBRARIES
+
+    def unavailable(self) -> str | None:
+        return trt.unavailable(super().unavailable())
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        _, plan, version = trt.prepare(ctx, self.config)
+        self.write_record(ctx)
+        (ctx.artifact_dir / ENGINE_CACHE).mkdir(exist_ok=True)
+        return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version, "engine_cache": self.config.engine_cache}
+
+    def load(self, ctx: BuildContext):
+        import torch
+
+        settings, plan, _ = trt.prepare(ctx, self.config)
+        module = ctx.source_module()
+        if plan.cast:
+            module = module.to(getattr(torch, plan.cast))
+        options = dict(settings)
+        if self.config.engine_cache:
+            # The engine cache only works with mutable weights; its key has no TensorRT or GPU version, which is
+            # why it lives inside this target's output, whose key has both.
+            options.update(immutable_weights=False, cache_built_engines=True, reuse_cached_engines=True,
+                           engine_cache_dir=str(ctx.artifact_dir / ENGINE_CACHE))
+        compiled = torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
+                                 dynamic=self.config.dynamic_shapes, options=options)
+        fn = trt.CastingCall(compiled, plan.cast)
+        if self.config.autocast_enabled and self.config.autocast_dtype:
+            dtype = getattr(torch, self.config.autocast_dtype)
+
+            def autocast_call(**inputs: Any) -> Any:
+                with torch.autocast("cuda", dtype=dtype):
+                    return fn(**inputs)
+
+            return autocast_call
+        return fn

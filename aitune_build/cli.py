@@ -1,0 +1,419 @@
+"""The command line: parsing and formatting only; the work is done by plan, executor, store and friends."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import AituneError, UserError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class _DefaultToBuild(click.Group):
+    """`aitune-build [build] [TARGET...]`: anything that is not a command name is a build argument."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        args = list(args)
+        i = 0
+        while i < len(args):
+            a = args[i]
+            if a in ("-C", "--manifest"):
+                i += 2
+                continue
+            if a.startswith(("--manifest=", "-C")) or a in ("--help", "--version"):
+                i += 1
+                continue
+            break
+        if i >= len(args) or args[i] not in self.commands:
+            if not any(a in ("--help", "--version") for a in args[:i]):
+                args.insert(i, "build")
+        return super().parse_args(ctx, args)
+
+
+class _Ctx:
+    def __init__(self, directory: str | None, manifest: str | None):
+        self.directory = directory
+        self.manifest = manifest
+
+    def manifest_path(self) -> Path:
+        if self.directory:
+            try:
+                os.chdir(self.directory)
+            except OSError as e:
+                raise UserError(f"-C {self.directory}: {e.strerror}") from None
+        return Path(self.manifest or "aitune.toml")
+
+    def open(self, readonly_cache: bool = False) -> Any:
+        from .project import Project
+
+        return Project.open(self.manifest_path(), readonly_cache=readonly_cache)
+
+
+def _run(fn: Any) -> None:
+    """Print user errors as one line (exit 2), other known errors likewise (exit 1); keep tracebacks for bugs."""
+    try:
+        code = fn()
+    except UserError as e:
+        click.echo(f"aitune-build: error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    except AituneError as e:
+        click.echo(f"aitune-build: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(code or 0)
+
+
+@click.group(cls=_DefaultToBuild)
+@click.option("-C", "directory", metavar="DIR", help="Run as if started in DIR.")
+@click.option("--manifest", metavar="PATH", help="Manifest file (default: aitune.toml).")
+@click.version_option(package_name="aitune-build", prog_name="aitune-build")
+@click.pass_context
+def main(ctx: click.Context, directory: str | None, manifest: str | None) -> None:
+    """Make-like builds of compiled PyTorch models, declared in aitune.toml."""
+    ctx.obj = _Ctx(directory, manifest)
+
+
+@main.command("build")
+@click.argument("targets", nargs=-1)
+@click.option("-j", "--jobs", default=1, show_default=True, help="Targets built in parallel.")
+@click.option("-k", "--keep-going", is_flag=True, help="Keep building independent targets after a failure.")
+@click.option("-f", "--force", is_flag=True, help="Rebuild even when up to date or cached.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would build and why; build nothing.")
+@click.option("--locked", is_flag=True, help="Fail if any key differs from aitune.lock instead of rewriting it.")
+@click.option("--cache-readonly", is_flag=True, help="Read the cache, never write it (untrusted builds).")
+@click.option("--check-reproducible", is_flag=True, help="Rebuild cached targets of deterministic backends and compare bytes.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.pass_obj
+def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
+              locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool) -> None:
+    """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
+
+    def go() -> int:
+        from . import lockfile
+        from .executor import FAILED, BuildOptions, build
+        from .plan import select
+        from .project import survey
+
+        project = obj.open(readonly_cache=cache_readonly)
+        order = select(project.manifest.model, targets)
+        if locked:
+            problems = lockfile.check_locked(project, order)
+            if problems:
+                _emit_locked(problems, as_json)
+                return EXIT_FAILED
+        if dry_run:
+            return _dry_run(survey(project, order), as_json)
+        reporter = _Reporter(len(order), quiet=as_json)
+        results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
+                                                     check_reproducible=check_reproducible), reporter)
+        reporter.close()
+        if not cache_readonly and not locked:
+            lockfile.update(project, results)
+        summary = {s: sum(r.status == s for r in results) for s in ("built", "cached", "failed", "skipped")}
+        summary["seconds"] = round(reporter.elapsed(), 3)
+        if as_json:
+            click.echo(json.dumps({"targets": [r.as_json() for r in results], "summary": summary}, indent=2))
+        else:
+            click.echo(", ".join(f"{v} {k}" for k, v in summary.items() if k != "seconds") + f" in {summary['seconds']:.2f}s")
+        failed = [r for r in results if r.status == FAILED]
+        if any(r.error == "user" for r in failed):
+            return EXIT_USAGE
+        return EXIT_FAILED if failed else EXIT_OK
+
+    _run(go)
+
+
+def _emit_locked(problems: dict[str, list[str]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"locked": False, "targets": problems}, indent=2))
+        return
+    click.echo("aitune-build: --locked: the inputs differ from aitune.lock:", err=True)
+    for name, lines in problems.items():
+        click.echo(f"  {name}:", err=True)
+        for line in lines:
+            click.echo(f"    {line}", err=True)
+    click.echo("run `aitune-build build` without --locked to update aitune.lock, and commit it", err=True)
+
+
+def _dry_run(found: dict[str, Any], as_json: bool) -> int:
+    rows = []
+    for name, s in found.items():
+        rows.append({"name": name, "status": "would-build" if s.staleness.stale else "up-to-date", "key": s.key,
+                     "reasons": s.staleness.reasons})
+    if as_json:
+        click.echo(json.dumps({"targets": rows}, indent=2))
+    else:
+        for r in rows:
+            why = "; ".join(r["reasons"])
+            click.echo(f"{r['status']:<12} {r['name']}" + (f"  ({why})" if why else ""))
+    return EXIT_OK
+
+
+class _Reporter:
+    """Progress: a live line on a terminal (rich), plain lines in CI and pipes; nothing with --json."""
+
+    def __init__(self, total: int, quiet: bool):
+        import time
+
+        self.total, self.quiet, self.done, self.running = total, quiet, 0, []
+        self.t0 = time.perf_counter()
+        self._status = None
+        self._console = None
+        self.tty = sys.stdout.isatty() and not os.environ.get("CI")
+
+    def elapsed(self) -> float:
+        import time
+
+        return time.perf_counter() - self.t0
+
+    def __call__(self, event: str, name: str, result: Any) -> None:
+        if self.quiet:
+            return
+        if event == "start":
+            self.running.append(name)
+            if self.tty:
+                self._live()
+            else:
+                click.echo(f"building {name} ...")
+            return
+        self.done += 1
+        if name in self.running:
+            self.running.remove(name)
+        line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}"
+        if self._console is not None:
+            self._console.print(line, markup=False, highlight=False)
+            self._live()
+        else:
+            click.echo(line)
+
+    def _live(self) -> None:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console()
+            self._status = self._console.status("")
+            self._status.start()
+        text = f"[{self.done}/{self.total}] building {', '.join(self.running)}" if self.running else f"[{self.done}/{self.total}]"
+        self._status.update(text)
+
+    def close(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
+    """Up to date, stale (with reasons) or never built; and out of date against aitune.lock."""
+
+    def go() -> int:
+        from . import lockfile
+        from .plan import select
+        from .project import survey
+
+        project = obj.open()
+        found = survey(project, select(project.manifest.model, targets))
+        lock_diff = lockfile.compare(project, found)
+        project.close()
+        rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
+                 "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
+        if as_json:
+            click.echo(json.dumps({"targets": rows}, indent=2))
+        else:
+            for r in rows:
+                why = "; ".join(r["reasons"])
+                lock = "" if r["lock"] == "matches" else f"  [lock: {r['lock']}]"
+                click.echo(f"{r['state']:<12} {r['name']}" + (f"  ({why})" if why else "") + lock)
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def explain(obj: _Ctx, target: str, as_json: bool) -> None:
+    """Which key components changed since TARGET's last build: the answer to "why did this rebuild?"."""
+
+    def go() -> int:
+        from .keys import diff_components
+        from .outputs import read_record
+        from .plan import select
+        from .project import survey
+
+        project = obj.open()
+        found = survey(project, select(project.manifest.model, [target]))[target]
+        project.close()
+        last = read_record(project.target_dir(target))
+        if found.components is None:
+            changes = found.staleness.reasons
+        elif last is None:
+            changes = ["never built"]
+        else:
+            changes = diff_components(last.get("components", {}), found.components)
+        if as_json:
+            click.echo(json.dumps({"name": target, "state": found.staleness.state, "key": found.key,
+                                   "previous_key": last.get("key") if last else None, "changes": changes}, indent=2))
+        else:
+            click.echo(f"{target}: {found.staleness.state}")
+            if last and found.key and last.get("key") != found.key:
+                click.echo(f"  key {last.get('key')} -> {found.key}")
+            for line in changes:
+                click.echo(f"  {line}")
+            if not changes and not found.staleness.stale:
+                click.echo("  nothing changed since the last build")
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["dot", "mermaid", "json"]), default="dot", show_default=True)
+@click.pass_obj
+def graph(obj: _Ctx, fmt: str) -> None:
+    """The target graph: modules and `from` edges."""
+
+    def go() -> int:
+        from .manifest import load_manifest
+
+        man = load_manifest(obj.manifest_path()).model
+        edges = []
+        for name, t in man.targets.items():
+            src = f"module:{t.module}" if t.module else t.from_
+            edges.append((src, name, man.backends[t.backend].kind))
+        if fmt == "json":
+            click.echo(json.dumps({"edges": [{"from": a, "to": b, "backend": k} for a, b, k in edges]}, indent=2))
+        elif fmt == "dot":
+            click.echo("digraph aitune {\n  rankdir=LR;")
+            for m in man.modules:
+                click.echo(f'  "module:{m}" [shape=box];')
+            for a, b, k in edges:
+                click.echo(f'  "{a}" -> "{b}" [label="{k}"];')
+            click.echo("}")
+        else:
+            ident = lambda s: re.sub(r"[^A-Za-z0-9_]", "_", s)  # noqa: E731
+            click.echo("graph LR")
+            for m in man.modules:
+                click.echo(f'  {ident("module:" + m)}["{m}"]')
+            for a, b, k in edges:
+                click.echo(f'  {ident(a)} -->|{k}| {ident(b)}["{b}"]')
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("--cache", is_flag=True, help="Also empty the whole cache.")
+@click.pass_obj
+def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
+    """Remove materialised outputs (of TARGETS, default all)."""
+
+    def go() -> int:
+        from .plan import select
+
+        project = obj.open()
+        names = list(targets) if targets else list(project.manifest.model.targets)
+        select(project.manifest.model, names)  # validates the names
+        for n in names:
+            shutil.rmtree(project.target_dir(n), ignore_errors=True)
+            click.echo(f"removed {project.target_dir(n)}")
+        if cache:
+            shutil.rmtree(project.cache_dir, ignore_errors=True)
+            click.echo(f"removed {project.cache_dir}")
+        return EXIT_OK
+
+    _run(go)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text)
+    if not m:
+        raise UserError(f"--max-size: cannot read '{text}' as a size (e.g. 500M, 2G, 1024)")
+    unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(unit or " "))
+
+
+@main.command()
+@click.option("--max-size", required=True, help="Keep at most this much (e.g. 2G); least recently used go first.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def gc(obj: _Ctx, max_size: str, as_json: bool) -> None:
+    """Shrink the cache to --max-size, least recently used entries first."""
+
+    def go() -> int:
+        limit = parse_size(max_size)
+        project = obj.open()
+        removed = project.store.gc(limit)
+        left = sum(e[2] for e in project.store.entries())
+        if as_json:
+            click.echo(json.dumps({"removed": removed, "bytes_left": left}, indent=2))
+        else:
+            click.echo(f"removed {len(removed)} entries; {left} bytes left")
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of aitune.toml."""
+    from .manifest import manifest_schema
+
+    click.echo(json.dumps(manifest_schema(), indent=2))
+
+
+@main.command()
+@click.argument("targets", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Archive to write (.tar.gz).")
+@click.pass_obj
+def package(obj: _Ctx, targets: tuple[str, ...], output: str) -> None:
+    """A byte-for-byte reproducible release archive of built TARGETS (default all)."""
+
+    def go() -> int:
+        from .release import write_archive
+
+        project = obj.open(readonly_cache=True)
+        digest = write_archive(project, list(targets), Path(output))
+        click.echo(f"wrote {output}  sha256 {digest}")
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def verify(archive: str, as_json: bool) -> None:
+    """Check a release archive: every digest, the lock inside, and no path escapes."""
+
+    def go() -> int:
+        from .release import verify_archive
+
+        problem = verify_archive(Path(archive))
+        if as_json:
+            click.echo(json.dumps({"archive": archive, "ok": problem is None, "problem": problem}, indent=2))
+        elif problem:
+            click.echo(f"aitune-build: verify: {archive}: {problem}", err=True)
+        else:
+            click.echo(f"{archive}: OK")
+        return EXIT_OK if problem is None else EXIT_FAILED
+
+    _run(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,263 @@
+"""Runs a plan: the only place with concurrency. Each compile runs in a worker process with its log kept."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .backends import backend_for
+from .errors import ReproducibilityError, UserError
+from .keys import key_of
+from .outputs import LOG, CorruptCopy, is_current, materialise, read_record
+from .project import Project
+
+BUILT, CACHED, FAILED, SKIPPED = "built", "cached", "failed", "skipped"
+
+
+@dataclass
+class BuildOptions:
+    jobs: int = 1
+    keep_going: bool = False
+    force: bool = False
+    named: tuple[str, ...] = ()  # targets named on the command line: unavailable backends fail instead of skip
+    check_reproducible: bool = False
+
+
+@dataclass
+class TargetResult:
+    name: str
+    status: str
+    key: str | None = None
+    seconds: float = 0.0
+    reason: str = ""
+    error: str | None = None  # "user" | "check" | "backend" | "crash" | "unavailable" | "upstream"
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "status": self.status, "key": self.key, "seconds": round(self.seconds, 3), "reason": self.reason}
+
+
+Listener = Callable[[str, str, "TargetResult | None"], None]  # (event, target, result): "start" | "done"
+
+
+def build(project: Project, order: list[str], options: BuildOptions, listen: Listener | None = None) -> list[TargetResult]:
+    listen = listen or (lambda *_: None)
+    man = project.manifest.model
+    results: dict[str, TargetResult] = {}
+    gpu_slot = threading.Semaphore(1)  # GPU compiles never run side by side within one build
+    stop = threading.Event()
+
+    def run(name: str) -> TargetResult:
+        t0 = time.perf_counter()
+        try:
+            res = _build_one(project, name, results, options, gpu_slot, listen)
+        except ReproducibilityError as e:
+            res = TargetResult(name, FAILED, reason=str(e), error="backend")
+        except UserError as e:
+            res = TargetResult(name, FAILED, reason=str(e), error="user")
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    pending = list(order)
+    running: dict[Future, str] = {}
+    with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+        while pending or running:
+            for name in list(pending):
+                if len(running) >= max(1, options.jobs):
+                    break
+                up = man.targets[name].from_
+                if up is not None and up not in results:
+                    continue  # upstream still pending or running
+                pending.remove(name)
+                skip = None
+                if stop.is_set():
+                    skip = "not started: an earlier target failed (--keep-going builds the rest)"
+                elif up is not None and results[up].status in (FAILED, SKIPPED):
+                    skip = f"upstream '{up}' {results[up].status}"
+                if skip:
+                    results[name] = TargetResult(name, SKIPPED, reason=skip, error="upstream")
+                    listen("done", name, results[name])
+                    continue
+                running[pool.submit(run, name)] = name
+            if not running:
+                continue
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                name = running.pop(fut)
+                results[name] = fut.result()
+                listen("done", name, results[name])
+                if results[name].status == FAILED and not options.keep_going:
+                    stop.set()
+    project.close()
+    return [results[n] for n in order]
+
+
+def _build_one(project: Project, name: str, results: dict[str, TargetResult], options: BuildOptions,
+               gpu_slot: threading.Semaphore, listen: Listener) -> TargetResult:
+    man = project.manifest.model
+    spec = man.targets[name]
+    config = man.backends[spec.backend]
+    backend = backend_for(config.kind)(config)
+    folder = project.target_dir(name)
+    upstream_file = upstream_digest = None
+    if spec.from_ is not None:
+        up_rec = results[spec.from_].record
+        upstream_file = project.target_dir(spec.from_) / up_rec["artifact"]
+        upstream_digest = up_rec["files"][up_rec["artifact"]]["xxh3"]
+    comps = project.fingerprinter.components(name, upstream_digest)
+    key = key_of(comps)
+    store = project.store
+
+    if not options.force:
+        if is_current(folder, key, project.state):
+            res = TargetResult(name, CACHED, key, reason="up to date", record=read_record(folder) or {})
+            return _maybe_check_reproducible(project, res, backend, options, gpu_slot, listen, upstream_file, comps)
+        hit = _from_store(project, name, key)
+        if hit is not None:
+            return _maybe_check_reproducible(project, hit, backend, options, gpu_slot, listen, upstream_file, comps)
+
+    reason = backend.unavailable()
+    if reason:
+        status = FAILED if name in options.named else SKIPPED
+        return TargetResult(name, status, key, reason=f"{config.kind} cannot run here: {reason}", error="unavailable")
+
+    lock = store.lock(key) if not store.readonly else _NoLock()
+    with lock:
+        if not options.force:  # another process may have built it while we waited for the lock
+            hit = _from_store(project, name, key)
+            if hit is not None:
+                return hit
+        listen("start", name, None)
+        return _compile(project, name, key, comps, backend, upstream_file, gpu_slot)
+
+
+def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
+    entry = project.store.get(key)
+    if entry is None:
+        return None
+    record = {**entry.meta, "target": name, "source": "cache"}
+    try:
+        materialise(project.target_dir(name), entry.path, entry.files, record)
+    except CorruptCopy:
+        project.store.remove(key)
+        return None
+    return TargetResult(name, CACHED, key, reason="restored from cache", record=read_record(project.target_dir(name)) or record)
+
+
+def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
+             gpu_slot: threading.Semaphore) -> TargetResult:
+    folder = project.target_dir(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = project.store.new_tmp()
+    try:
+        outcome = _run_worker(project, name, tmp, upstream_file, folder / LOG, backend.needs_gpu, gpu_slot)
+        if not outcome.get("ok"):
+            kind = outcome.get("error", "backend")
+            msg = outcome.get("message", "failed")
+            if kind not in ("user", "unavailable"):
+                msg += f" (log: {_rel(folder / LOG)})"
+            return TargetResult(name, FAILED, key, reason=msg, error=kind)
+        meta = {
+            "target": name, "key": key, "backend": backend.kind, "artifact": backend.artifact, "components": comps,
+            "toolchain": comps["toolchain"], "timings": outcome["timings"], "check": outcome["check"],
+            "record": outcome.get("record", {}), "built_at": time.time(), "source": "built",
+        }
+        if project.store.readonly:
+            from .store import describe_files
+
+            materialise(folder, tmp, describe_files(tmp), meta)
+        else:
+            entry = project.store.put(key, tmp, meta)
+            materialise(folder, entry.path, entry.files, meta)
+        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path, needs_gpu: bool,
+                gpu_slot: threading.Semaphore) -> dict[str, Any]:
+    result = artifact_dir.with_name(artifact_dir.name + ".result.json")
+    job = artifact_dir.with_name(artifact_dir.name + ".job.json")
+    job.write_text(json.dumps({
+        "manifest": str(project.manifest.path), "target": name, "artifact_dir": str(artifact_dir),
+        "upstream": str(upstream) if upstream else None, "result": str(result),
+    }))
+    env = dict(os.environ)
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        with open(log, "wb") as logf:
+            if needs_gpu:
+                with gpu_slot, project.store.gpu_lock() if not project.store.readonly else _NoLock():
+                    proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            else:
+                proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        outcome = json.loads(result.read_text()) if result.exists() else None
+        if proc.returncode != 0 or outcome is None:
+            return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(proc.returncode)}"}
+        return outcome
+    finally:
+        for f in (job, result):
+            f.unlink(missing_ok=True)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code} without a result"
+
+
+def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any, options: BuildOptions,
+                              gpu_slot: threading.Semaphore, listen: Listener, upstream_file: Path | None,
+                              comps: dict[str, Any]) -> TargetResult:
+    if not options.check_reproducible:
+        return res
+    if not backend.deterministic:
+        res.reason += f"; not checked for reproducibility: {backend.kind} builds are not bit-for-bit deterministic"
+        return res
+    listen("start", res.name, None)
+    tmp = project.store.new_tmp()
+    try:
+        log = project.target_dir(res.name) / LOG
+        outcome = _run_worker(project, res.name, tmp, upstream_file, log, backend.needs_gpu, gpu_slot)
+        if not outcome.get("ok"):
+            raise ReproducibilityError(f"rebuild for the reproducibility check failed: {outcome.get('message')}")
+        from .hashing import sha256_file
+
+        want = res.record["files"][backend.artifact]["sha256"]
+        got = sha256_file(tmp / backend.artifact)
+        if got != want:
+            raise ReproducibilityError(f"not reproducible: a rebuild gave {backend.artifact} sha256 {got[:16]}…, the cache holds {want[:16]}…")
+        res.reason += "; reproducible (rebuild gave identical bytes)"
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+class _NoLock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,105 @@
+"""Content digests with a stat cache: an unchanged file costs a stat, not a read.
+
+The state file maps an absolute path to (inode, mtime_ns, size, xxh3-128 digest), and a source file's digest to the
+imports found in it, so an unchanged source is neither read nor parsed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import xxhash
+
+from .fsutil import atomic_write_bytes
+
+STATE_VERSION = 1
+_CHUNK = 8 << 20
+_RACY_NS = 2_000_000_000
+
+
+def hash_file(path: Path) -> str:
+    h = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+class StateCache:
+    """(inode, mtime_ns, size) -> digest, persisted in one versioned JSON file. Thread-safe; written atomically."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._lock = threading.Lock()
+        self._dirty = False
+        self._files: dict[str, list] = {}
+        self._imports: dict[str, list] = {}
+        if path is not None:
+            try:
+                data = json.loads(path.read_bytes())
+                if data.get("version") == STATE_VERSION:
+                    self._files, self._imports = data["files"], data["imports"]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+
+    def digest(self, path: Path) -> str:
+        key = str(path)
+        st = os.stat(path)
+        sig = [st.st_ino, st.st_mtime_ns, st.st_size]
+        with self._lock:
+            hit = self._files.get(key)
+            if hit is not None and hit[:3] == sig:
+                return hit[3]
+        digest = hash_file(path)
+        # A file written in the last moments may change again within the clock's granularity without its
+        # (mtime, size) changing ("racily clean" in git's words): hash it again next time rather than trust it.
+        if time.time_ns() - st.st_mtime_ns > _RACY_NS:
+            with self._lock:
+                self._files[key] = sig + [digest]
+                self._dirty = True
+        return digest
+
+    def forget(self, path: Path) -> None:
+        with self._lock:
+            if self._files.pop(str(path), None) is not None:
+                self._dirty = True
+
+    def imports(self, digest: str) -> list | None:
+        with self._lock:
+            return self._imports.get(digest)
+
+    def set_imports(self, digest: str, found: list) -> None:
+        with self._lock:
+            self._imports[digest] = found
+            self._dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self._dirty:
+            return
+        with self._lock:
+            files = {k: v for k, v in self._files.items() if os.path.exists(k)}
+            live = {v[3] for v in files.values()}
+            imports = {k: v for k, v in self._imports.items() if k in live}
+            data = json.dumps({"version": STATE_VERSION, "files": files, "imports": imports}, separators=(",", ":"))
+            self._dirty = False
+        try:
+            atomic_write_bytes(self.path, data.encode())
+        except OSError:
+            pass  # a read-only cache keeps working, only slower

@@ -1,0 +1,130 @@
+"""What goes into a target's key, canonicalised and versioned, and how two sets of key components differ.
+
+A key is xxh3-128 over canonical JSON (sorted keys, no spaces) of {"schema": KEY_SCHEMA, "components": ...}.
+Components are plain JSON values, so build.json can keep them and `explain` can diff them field by field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from .backends import backend_for
+from .hashing import StateCache
+from .manifest import LoadedManifest
+from .sources import glob_sources, module_sources
+from .toolchain import python_version
+
+KEY_SCHEMA = 1
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def key_of(components: dict[str, Any]) -> str:
+    return xxhash.xxh3_128_hexdigest(canonical_json({"schema": KEY_SCHEMA, "components": components}).encode())
+
+
+@dataclass
+class Fingerprinter:
+    """Computes key components for the targets of one manifest. Memoises per run: files don't change mid-run."""
+
+    manifest: LoadedManifest
+    state: StateCache
+    toolchain_override: dict[str, Any] | None = None  # tests fake toolchain versions through this
+    _sources: dict[str, dict] = field(default_factory=dict)
+
+    def toolchain(self, backend_kind: str) -> dict[str, Any]:
+        config = next(c for c in self.manifest.model.backends.values() if c.kind == backend_kind)
+        found = {"python": python_version(), **backend_for(backend_kind)(config).toolchain()}
+        if self.toolchain_override:
+            found.update(self.toolchain_override)
+        return found
+
+    def _module_sources(self, module_name: str) -> dict[str, Any]:
+        if module_name not in self._sources:
+            spec = self.manifest.model.modules[module_name]
+            root = self.manifest.root
+            files = module_sources(root, spec.factory.split(":")[0], self.state)
+            globbed = glob_sources(root, spec.sources, self.state)
+            if globbed["empty"]:
+                pattern = globbed["empty"][0]
+                raise self.manifest.error(f"modules.{module_name}.sources", f"pattern '{pattern}' matches no file under {root}")
+            self._sources[module_name] = {**files, **globbed["files"]}
+        return self._sources[module_name]
+
+    def components(self, target: str, upstream_artifact: str | None = None) -> dict[str, Any]:
+        man = self.manifest.model
+        spec = man.targets[target]
+        module_name, mod = self.manifest.module_of(target)
+        config = man.backends[spec.backend]
+        root = self.manifest.root
+        module = mod.model_dump(mode="json", exclude={"sources"})
+        comps: dict[str, Any] = {
+            "module": module,
+            "sources": self._module_sources(module_name),
+            "weights": {mod.weights: self.state.digest(root / mod.weights)} if mod.weights else {},
+            "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
+            "backend": config.model_dump(mode="json"),
+            "check": spec.check.model_dump(mode="json"),
+            "toolchain": self.toolchain(config.kind),
+        }
+        if spec.from_ is not None:
+            comps["upstream"] = {"artifact": upstream_artifact}
+        return comps
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"backend.compile_config.optimization_level": 3, "sources.models/mlp.py": "ab12..", ...}"""
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            return {prefix: {}}
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(obj, list):
+        if not obj:
+            return {prefix: []}
+        out = {}
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: obj}
+
+
+_FILE_TABLES = ("sources.", "weights.", "samples.")
+
+
+def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human lines, one per changed leaf: 'models/helpers.py changed', 'backend.strict: false -> true'."""
+    a, b = flatten(old), flatten(new)
+    lines: list[str] = []
+    for k in sorted(a.keys() | b.keys()):
+        if a.get(k, _MISSING) == b.get(k, _MISSING):
+            continue
+        is_file = k.startswith(_FILE_TABLES)
+        name = k.split(".", 1)[1] if is_file else k
+        if k not in a:
+            lines.append(f"{name} added" if is_file else f"{k}: added ({_show(b[k])})")
+        elif k not in b:
+            lines.append(f"{name} removed" if is_file else f"{k}: removed (was {_show(a[k])})")
+        elif is_file:
+            lines.append(f"{name} changed")
+        elif k == "upstream.artifact":
+            lines.append("upstream artifact changed")
+        else:
+            lines.append(f"{k}: {_show(a[k])} -> {_show(b[k])}")
+    return lines
+
+
+_MISSING = object()
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+

@@ -1,0 +1,62 @@
+"""Materialised outputs: <out_dir>/<target>/ holds the artifact files, build.json and build.log.
+
+Files are copied in atomically, one by one, and build.json (the record that says which key the folder holds) is
+written last; until then the folder still describes the previous good build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_copy, atomic_write_json, read_json
+from .hashing import StateCache, hash_file
+
+BUILD_FORMAT = 1
+RECORD = "build.json"
+LOG = "build.log"
+_KEEP = {RECORD, LOG}
+
+
+class CorruptCopy(Exception):
+    pass
+
+
+def read_record(folder: Path) -> dict[str, Any] | None:
+    rec = read_json(folder / RECORD)
+    return rec if rec is not None and rec.get("format") == BUILD_FORMAT else None
+
+
+def is_current(folder: Path, key: str, state: StateCache) -> bool:
+    """Whether folder holds an intact build of key (a stat per file when nothing changed)."""
+    rec = read_record(folder)
+    if rec is None or rec.get("key") != key:
+        return False
+    for name, want in rec.get("files", {}).items():
+        f = folder / name
+        try:
+            if f.stat().st_size != want["size"] or state.digest(f) != want["xxh3"]:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, want in files.items():
+        atomic_copy(source / name, folder / name)
+        if hash_file(folder / name) != want["xxh3"]:
+            raise CorruptCopy(f"{name} copied from the cache does not match its checksum")
+    tops = {name.split("/")[0] for name in files} | _KEEP
+    for stale in folder.iterdir():
+        if stale.name in tops or stale.name.startswith("."):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.unlink(stale)
+    atomic_write_json(folder / RECORD, {"format": BUILD_FORMAT, **record, "files": files, "materialised_at": time.time()})

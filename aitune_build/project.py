@@ -1,0 +1,94 @@
+"""An opened project: its manifest and where its outputs, cache and stat cache live."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .hashing import StateCache
+from .keys import Fingerprinter
+from .manifest import LoadedManifest, load_manifest
+from .store import ArtifactStore
+
+STATE_FILE = "state-v1.json"
+
+
+@dataclass
+class Project:
+    manifest: LoadedManifest
+    cache_dir: Path
+    state: StateCache
+    fingerprinter: Fingerprinter
+    readonly_cache: bool = False
+    _store: ArtifactStore | None = None
+
+    @classmethod
+    def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
+             toolchain_override: dict[str, Any] | None = None) -> Project:
+        m = load_manifest(manifest_path)
+        env = os.environ.get("AITUNE_CACHE_DIR")
+        cache_dir = Path(env).resolve() if env else m.root / m.model.project.cache_dir
+        state = StateCache(cache_dir / STATE_FILE if (cache_dir.is_dir() or not readonly_cache) else None)
+        fp = Fingerprinter(m, state, toolchain_override=toolchain_override)
+        return cls(manifest=m, cache_dir=cache_dir, state=state, fingerprinter=fp, readonly_cache=readonly_cache)
+
+    @property
+    def store(self) -> ArtifactStore:
+        if self._store is None:
+            self._store = ArtifactStore(self.cache_dir, self.state, readonly=self.readonly_cache)
+        return self._store
+
+    @property
+    def out_dir(self) -> Path:
+        return self.manifest.root / self.manifest.model.project.out_dir
+
+    def target_dir(self, target: str) -> Path:
+        return self.out_dir / target
+
+    def close(self) -> None:
+        if not self.readonly_cache:
+            self.state.save()
+
+
+@dataclass(frozen=True)
+class Survey:
+    """One target as it stands now, without building anything."""
+
+    name: str
+    key: str | None  # None when an upstream must rebuild first
+    components: dict[str, Any] | None
+    previous: dict[str, Any] | None  # the last build.json
+    staleness: Any  # plan.Staleness
+
+
+def survey(project: Project, order: list[str]) -> dict[str, Survey]:
+    """Key, previous build and staleness of each target in order (upstreams first). Reads files; builds nothing."""
+    from .keys import key_of
+    from .outputs import is_current, read_record
+    from .plan import assess
+
+    man = project.manifest.model
+    found: dict[str, Survey] = {}
+    for name in order:
+        folder = project.target_dir(name)
+        previous = read_record(folder)
+        up = man.targets[name].from_
+        upstream_stale = None
+        upstream_digest = None
+        if up is not None:
+            up_survey = found.get(up) or survey(project, [up])[up]
+            if up_survey.staleness.stale:
+                upstream_stale = up
+            else:
+                rec = up_survey.previous
+                upstream_digest = rec["files"][rec["artifact"]]["xxh3"]
+        if upstream_stale is not None:
+            found[name] = Survey(name, None, None, previous, assess(None, None, previous, False, upstream_stale))
+            continue
+        comps = project.fingerprinter.components(name, upstream_digest)
+        key = key_of(comps)
+        current = is_current(folder, key, project.state)
+        found[name] = Survey(name, key, comps, previous, assess(key, comps, previous, current))
+    return found

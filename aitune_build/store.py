@@ -1,0 +1,175 @@
+"""The content-addressed artifact store. Knows nothing of torch.
+
+    <cache>/store-v1/CACHEDIR.TAG
+    <cache>/store-v1/objects/<key[:2]>/<key>/{<artifact files>, entry.json}
+    <cache>/store-v1/locks/<key>.lock
+    <cache>/store-v1/tmp/
+
+An entry is a folder built under tmp/ and renamed into place, so readers never see half of one. entry.json, written
+last, lists every file's size and digests; an entry whose files don't match it is corrupt: discarded with a warning,
+never served. One lock per key: two processes never build the same key twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from .fsutil import atomic_write_json, read_json
+from .hashing import StateCache, hash_file, sha256_file
+
+STORE_DIR = "store-v1"
+ENTRY_FORMAT = 1
+CACHEDIR_TAG = (
+    "Signature: 8a477f597d28d172789f06886806bc55\n"
+    "# This file is a cache directory tag created by aitune-build.\n"
+    "# For information about cache directory tags see https://bford.info/cachedir/\n"
+)
+
+
+class CorruptEntry(UserWarning):
+    pass
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    path: Path
+    files: dict[str, dict[str, Any]]  # name -> {"size", "xxh3", "sha256"}
+    meta: dict[str, Any]
+
+
+def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: {size, xxh3, sha256}} for every file below folder (entry.json aside)."""
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != "entry.json")
+    return {n: {"size": (folder / n).stat().st_size, "xxh3": hash_file(folder / n), "sha256": sha256_file(folder / n)} for n in names}
+
+
+class ArtifactStore:
+    def __init__(self, cache_dir: Path, state: StateCache | None = None, readonly: bool = False):
+        self.root = cache_dir / STORE_DIR
+        self.state = state or StateCache(None)
+        self.readonly = readonly
+        if not readonly:
+            for sub in ("objects", "locks", "tmp"):
+                (self.root / sub).mkdir(parents=True, exist_ok=True)
+            tag = self.root.parent / "CACHEDIR.TAG"
+            if not tag.exists():
+                try:
+                    tag.write_text(CACHEDIR_TAG)
+                except OSError:
+                    pass
+
+    def _dir(self, key: str) -> Path:
+        return self.root / "objects" / key[:2] / key
+
+    def lock(self, key: str) -> FileLock:
+        return FileLock(str(self.root / "locks" / f"{key}.lock"))
+
+    def gpu_lock(self) -> FileLock:
+        """Held around GPU compiles so that builds of one machine don't oversubscribe its GPU."""
+        return FileLock(str(self.root / "locks" / "gpu.lock"))
+
+    def has(self, key: str) -> bool:
+        return (self._dir(key) / "entry.json").is_file()
+
+    def get(self, key: str) -> Entry | None:
+        """The verified entry for key, or None. A corrupt entry is discarded with a warning."""
+        path = self._dir(key)
+        entry = read_json(path / "entry.json")
+        if entry is None:
+            return None
+        problem = None
+        if entry.get("format") != ENTRY_FORMAT or entry.get("key") != key:
+            problem = "unknown entry format"
+        else:
+            for name, want in entry["files"].items():
+                f = path / name
+                if not f.is_file():
+                    problem = f"{name} is missing"
+                elif f.stat().st_size != want["size"] or self.state.digest(f) != want["xxh3"]:
+                    problem = f"{name} does not match its checksum"
+                if problem:
+                    break
+        if problem:
+            warnings.warn(f"cache entry {key[:12]} is corrupt ({problem}); discarded, it will be rebuilt", CorruptEntry, stacklevel=2)
+            self.remove(key)
+            return None
+        self.touch(key)
+        return Entry(key=key, path=path, files=entry["files"], meta=entry.get("meta", {}))
+
+    def new_tmp(self) -> Path:
+        base = self.root / "tmp" if not self.readonly else None
+        return Path(tempfile.mkdtemp(prefix="build-", dir=base))
+
+    def put(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry:
+        """Move a finished build folder into the store under key (replacing any entry there)."""
+        files = describe_files(folder)
+        atomic_write_json(folder / "entry.json", {"format": ENTRY_FORMAT, "key": key, "files": files, "meta": meta, "created": time.time()})
+        final = self._dir(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            self.remove(key)
+        os.replace(folder, final)
+        return Entry(key=key, path=final, files=files, meta=meta)
+
+    def remove(self, key: str) -> None:
+        if self.readonly:
+            return
+        path = self._dir(key)
+        if not path.exists():
+            return
+        trash = self.root / "tmp" / f"rm-{key}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            os.replace(path, trash)  # atomic: readers see the entry or nothing
+        except OSError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def touch(self, key: str) -> None:
+        """Mark key as used now (for least-recently-used gc)."""
+        if self.readonly:
+            return
+        try:
+            os.utime(self._dir(key) / "entry.json")
+        except OSError:
+            pass
+
+    def entries(self) -> list[tuple[str, float, int]]:
+        """(key, last used, bytes) for every entry."""
+        out = []
+        objects = self.root / "objects"
+        if not objects.is_dir():
+            return out
+        for shard in objects.iterdir():
+            for d in shard.iterdir():
+                e = d / "entry.json"
+                try:
+                    used = e.stat().st_mtime
+                except OSError:
+                    continue
+                size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+                out.append((d.name, used, size))
+        return out
+
+    def gc(self, max_bytes: int) -> list[str]:
+        """Remove least-recently-used entries until the store holds at most max_bytes. Returns removed keys."""
+        entries = sorted(self.entries(), key=lambda e: e[1])
+        total = sum(e[2] for e in entries)
+        removed = []
+        for key, _, size in entries:
+            if total <= max_bytes:
+                break
+            with self.lock(key):
+                self.remove(key)
+            removed.append(key)
+            total -= size
+        return removed

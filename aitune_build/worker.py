@@ -1,0 +1,99 @@
+"""One target's compile, in its own process: a segfault or OOM kill here fails the target, not the build.
+
+    python -m aitune_build.worker JOB.json
+
+Reads the job, builds the eager module, runs the backend's build into the artifact folder, loads the artifact back,
+runs it on seeded inputs (min, opt and max of every dynamic axis) and compares with eager. Writes RESULT.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .errors import AituneError, CheckFailed, UserError
+from .fsutil import atomic_write_json
+from .factory import make_module
+from .manifest import load_manifest
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from .backends import BuildContext, backend_for
+    from .check import DEFAULT_TOLERANCES, compare
+    from .inputs import variants
+
+    m = load_manifest(job["manifest"])
+    target = m.model.targets[job["target"]]
+    config = m.model.backends[target.backend]
+    module_name, mod_spec = m.module_of(job["target"])
+    backend = backend_for(config.kind)(config)
+    reason = backend.unavailable()
+    if reason:
+        return {"ok": False, "error": "unavailable", "message": reason}
+    torch.manual_seed(0)
+    timings: dict[str, float] = {}
+    ctx = BuildContext(
+        config=config, inputs=mod_spec.inputs, root=m.root, artifact_dir=Path(job["artifact_dir"]),
+        make_module=lambda: make_module(m, module_name, mod_spec, config.device),
+        upstream=Path(job["upstream"]) if job.get("upstream") else None, extra={"backend_name": target.backend},
+    )
+    reference = make_module(m, module_name, mod_spec, config.device)
+    t0 = time.perf_counter()
+    record = backend.build(ctx)
+    timings["build"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    loaded = backend.load(ctx)
+    timings["load"] = time.perf_counter() - t0
+    rtol, atol = DEFAULT_TOLERANCES[config.precision]
+    rtol = target.check.rtol if target.check.rtol is not None else rtol
+    atol = target.check.atol if target.check.atol is not None else atol
+    checks: dict[str, Any] = {"precision": config.precision, "rtol": rtol, "atol": atol, "variants": {}}
+    with torch.no_grad():
+        for which in variants(mod_spec.inputs):
+            inputs = ctx.example(which, seed=target.check.seed)
+            expected = reference(**inputs)
+            t0 = time.perf_counter()
+            got = loaded(**inputs)
+            if config.device == "cuda":
+                torch.cuda.synchronize()
+            timings.setdefault("first_call", time.perf_counter() - t0)
+            result = compare(expected, got, rtol, atol)
+            result["shapes"] = {k: list(v.shape) for k, v in inputs.items()}
+            checks["variants"][which] = result
+            if not result["passed"]:
+                raise CheckFailed(f"check against eager failed at {which} shapes: {result['reason']}")
+    checks["max_abs_err"] = max(v["max_abs_err"] for v in checks["variants"].values())
+    checks["max_rel_err"] = max(v["max_rel_err"] for v in checks["variants"].values())
+    return {"ok": True, "record": record, "check": checks, "timings": timings}
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    result_path = Path(job["result"])
+    try:
+        result = run_job(job)
+    except UserError as e:
+        result = {"ok": False, "error": "user", "message": str(e)}
+    except CheckFailed as e:
+        result = {"ok": False, "error": "check", "message": str(e)}
+    except AituneError as e:
+        result = {"ok": False, "error": "backend", "message": str(e)}
+    except Exception as e:
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        result = {"ok": False, "error": "backend", "message": f"{type(e).__name__}: {first}"[:500]}
+    if not result["ok"]:
+        print(f"aitune-build: {result['message']}", file=sys.stderr)
+    atomic_write_json(result_path, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

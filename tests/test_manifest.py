@@ -1,0 +1,97 @@
+"""One case per bad input: exit code 2, one line naming the file and the key, no traceback, nothing lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aitune_build.manifest import manifest_schema
+
+from .conftest import MANIFEST, run_cli
+
+BASE = MANIFEST.split("[targets.mlp_export]")[0]
+
+CASES = {
+    "malformed_toml": ("[project\nname = 'x'", "aitune.toml: invalid TOML"),
+    "unknown_top_key": (MANIFEST + "\n[extras]\nx = 1\n", "aitune.toml: extras: unknown key 'extras'"),
+    "unknown_target_key": (BASE + '[targets.t]\nmodule = "mlp"\nbackend = "exp"\nbakend = "x"\n',
+                           "aitune.toml: targets.t.bakend: unknown key 'bakend' (did you mean 'backend'?)"),
+    "wrong_type": (BASE.replace("hidden = 8", "hidden = 8") + '[targets.t]\nmodule = "mlp"\nbackend = "exp"\ncheck = { rtol = "big" }\n',
+                   "aitune.toml: targets.t.check.rtol"),
+    "unknown_from": (BASE + '[backends.aoti]\nkind = "inductor_aot"\n[targets.e]\nmodule = "mlp"\nbackend = "exp"\n'
+                     '[targets.t]\nfrom = "ee"\nbackend = "aoti"\n', "aitune.toml: targets.t.from: unknown target 'ee' (did you mean 'e'?)"),
+    "unknown_module": (BASE + '[targets.t]\nmodule = "mpl"\nbackend = "exp"\n', "targets.t.module: unknown module 'mpl' (did you mean 'mlp'?)"),
+    "unknown_backend": (BASE + '[targets.t]\nmodule = "mlp"\nbackend = "exq"\n', "targets.t.backend: unknown backend 'exq' (did you mean 'exp'?)"),
+    "cycle": (BASE + '[backends.aoti]\nkind = "inductor_aot"\n[targets.a]\nfrom = "b"\nbackend = "aoti"\n[targets.b]\nfrom = "a"\nbackend = "aoti"\n',
+              "cycle in 'from' edges: a -> b -> a"),
+    "bad_target_name": (BASE + '[targets."my target"]\nmodule = "mlp"\nbackend = "exp"\n', "names may use letters, digits"),
+    "bad_dtype": (BASE.replace('shape = [{ dim = "batch", min = 1, opt = 4, max = 8 }, 4]', 'shape = [2, 4], dtype = "flaot32"'),
+                  "modules.mlp.inputs[0].dtype: unknown dtype 'flaot32' (did you mean 'float32'?)"),
+    "bad_shape": (BASE.replace("min = 1, opt = 4, max = 8", "min = 1, opt = 9, max = 8"), "modules.mlp.inputs[0].shape[0]: need min <= opt <= max"),
+    "shape_not_int": (BASE.replace('{ dim = "batch", min = 1, opt = 4, max = 8 }, 4]', '"b", 4]'), "modules.mlp.inputs[0].shape[0]: expected an integer"),
+    "missing_weights": (BASE.replace("weights/mlp.pt", "weights/nope.pt"), "modules.mlp.weights: file not found: weights/nope.pt"),
+    "missing_factory_module": (BASE.replace("models.mlp:build", "models.mpl:build"), "modules.mlp.factory: cannot find module 'models.mpl'"),
+    "missing_factory_fn": (BASE.replace("models.mlp:build", "models.mlp:biuld"), "modules.mlp.factory: 'models.mlp' defines no 'biuld' (did you mean 'build'?)"),
+    "bad_factory_form": (BASE.replace("models.mlp:build", "models/mlp.py"), "modules.mlp.factory: 'models/mlp.py' is not of the form"),
+    "unknown_backend_kind": (BASE + '[backends.x]\nkind = "tensorrt"\n', "backends.x.kind: unknown backend kind 'tensorrt'"),
+    "backend_unknown_key": (BASE + '[backends.x]\nkind = "export"\nstrikt = true\n', "backends.x.strikt: unknown key 'strikt' (did you mean 'strict'?)"),
+    "shared_dim_mismatch": (BASE.replace('{ dim = "n", min = 1, opt = 3, max = 6 }] },\n]', '{ dim = "n", min = 1, opt = 3, max = 7 }] },\n]'),
+                            "dim 'n' is declared with other min/opt/max"),
+    "missing_project": ("[modules]\n", "aitune.toml: project: required key is missing"),
+    "target_both_sources": (BASE + '[targets.t]\nmodule = "mlp"\nfrom = "x"\nbackend = "exp"\n', "set exactly one of 'module' or 'from'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_manifest(project: Path, case: str) -> None:
+    text, expected = CASES[case]
+    (project / "aitune.toml").write_text(text)
+    for command in (["build"], ["status"], ["build", "--dry-run"]):
+        code, out, _ = run_cli(project, *command)
+        assert code == 2, out
+        assert expected in out, out
+        assert "Traceback" not in out
+        assert out.count("\n") == 1, out  # one line
+
+
+def test_bad_manifest_loses_nothing_built(project: Path) -> None:
+    code, out, _ = run_cli(project, "build", "mlp_eager")
+    assert code == 0, out
+    before = (project / "build/mlp_eager/build.json").read_bytes()
+    good = (project / "aitune.toml").read_text()
+    (project / "aitune.toml").write_text(good + "\n[targets.x]\nmodule = 'nope'\nbackend = 'exp'\n")
+    assert run_cli(project, "build")[0] == 2
+    assert (project / "build/mlp_eager/build.json").read_bytes() == before
+    (project / "aitune.toml").write_text(good)
+    code, out, data = run_cli(project, "build", "mlp_eager", "--json")
+    assert data["targets"][0]["status"] == "cached"
+
+
+def test_input_name_not_in_forward_is_a_user_error(project: Path) -> None:
+    text = (project / "aitune.toml").read_text().replace('{ name = "x", shape = [{ dim = "batch"', '{ name = "inp", shape = [{ dim = "batch"')
+    (project / "aitune.toml").write_text(text)
+    code, out, data = run_cli(project, "build", "mlp_eager", "--json")
+    assert code == 2
+    assert "modules.mlp.inputs[0].name: 'inp' is not a parameter of MLP.forward(x)" in data["targets"][0]["reason"]
+
+
+def test_factory_that_raises_is_a_user_error_and_others_build(project: Path) -> None:
+    (project / "models/broken.py").write_text("def build():\n    raise ValueError('no such checkpoint')\n")
+    text = (project / "aitune.toml").read_text() + '\n[modules.broken]\nfactory = "models.broken:build"\ninputs = [{ name = "x", shape = [2] }]\n' \
+        '[targets.broken_eager]\nmodule = "broken"\nbackend = "ref"\n'
+    (project / "aitune.toml").write_text(text)
+    code, out, data = run_cli(project, "build", "--keep-going", "mlp_eager", "broken_eager", "--json")
+    assert code == 2
+    st = {t["name"]: t for t in data["targets"]}
+    assert st["mlp_eager"]["status"] == "built"
+    assert st["broken_eager"]["status"] == "failed"
+    assert "modules.broken.factory: models.broken:build(**args) raised ValueError: no such checkpoint" in st["broken_eager"]["reason"]
+
+
+def test_schema_command_matches_committed_copy() -> None:
+    committed = json.loads((Path(__file__).parent.parent / "schemas/aitune.schema.json").read_text())
+    assert committed == manifest_schema()
+    code, out, _ = run_cli(Path("."), "schema")
+    assert json.loads(out) == committed

@@ -381,7 +381,7 @@ def schema() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Archive to write (.tar.gz).")
 @click.pass_obj
 def package(obj: _Ctx, targets: tuple[str, ...], output: str) -> None:
-    """A byte-for-byte reproducible release archive of built TARGETS (default all)."""
+    """A byte-for-byte reproducible release archive of TARGETS (default: every built target)."""
 
     def go() -> int:
         from .release import write_archive

@@ -45,13 +45,21 @@ def archive_members(project: Project, targets: list[str]) -> dict[str, bytes]:
     from .outputs import is_current
 
     man = project.manifest.model
-    names = select(man, targets)
+
+    def current(name: str) -> dict[str, Any] | None:
+        rec = read_record(project.target_dir(name))
+        return rec if rec is not None and is_current(project.target_dir(name), rec["key"], project.state) else None
+
+    # Named targets (and their upstreams) must be built; by default, every target that is.
+    names = select(man, targets) if targets else [n for n in select(man, []) if current(n) is not None]
+    if not names:
+        raise UserError("nothing is built yet: run `aitune-build build` first")
     files: dict[str, bytes] = {}
     lock_targets: dict[str, Any] = {}
     for name in names:
         folder = project.target_dir(name)
-        rec = read_record(folder)
-        if rec is None or not is_current(folder, rec["key"], project.state):
+        rec = current(name)
+        if rec is None:
             raise UserError(f"target '{name}' is not built (or its output was modified): run `aitune-build build {name}` first")
         for fname in sorted(rec["files"]):
             files[f"targets/{name}/{fname}"] = (folder / fname).read_bytes()

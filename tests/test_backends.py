@@ -1,0 +1,72 @@
+"""One contract every CPU backend passes: build, check against eager at min/opt/max, cache, load back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+EXTRA = """
+[backends.aoti]
+kind = "inductor_aot"
+
+[backends.jit]
+kind = "inductor_jit"
+dynamic_shapes = true
+
+[targets.adder_aoti]
+from = "adder_export"
+backend = "aoti"
+
+[targets.adder_jit]
+module = "adder"
+backend = "jit"
+
+[targets.adder_eager]
+module = "adder"
+backend = "ref"
+"""
+
+
+@pytest.mark.slow
+def test_every_cpu_backend_builds_checks_caches_and_loads(project: Path) -> None:
+    import torch
+
+    import aitune_build
+
+    (project / "aitune.toml").write_text((project / "aitune.toml").read_text() + EXTRA)
+    names = ["adder_export", "adder_aoti", "adder_jit", "adder_eager"]
+    code, out, data = run_cli(project, "build", "--json", *names)
+    assert code == 0, out
+    assert {t["name"]: t["status"] for t in data["targets"]} == dict.fromkeys(names, "built")
+    code, out, data = run_cli(project, "build", "--json", *names)
+    assert {t["status"] for t in data["targets"]} == {"cached"}
+    for name in names:
+        m = aitune_build.load(name, manifest=str(project / "aitune.toml"))
+        for n in (1, 3, 6):  # min, opt, max of the shared dim
+            x, y = torch.randn(n), torch.randn(n)
+            torch.testing.assert_close(m(x, y), x + y)
+    # the from edge: a changed upstream artifact rebuilds the AOTInductor target
+    code, out, _ = run_cli(project, "explain", "adder_aoti")
+    assert "up-to-date" in out
+
+
+def test_check_reproducible_export(project: Path) -> None:
+    assert run_cli(project, "build", "adder_export")[0] == 0
+    code, out, data = run_cli(project, "build", "--check-reproducible", "--json", "adder_export", "mlp_eager")
+    assert code == 0, out
+    reasons = {t["name"]: t["reason"] for t in data["targets"]}
+    assert "reproducible (rebuild gave identical bytes)" in reasons["adder_export"]
+
+
+def test_fp16_check_tolerance_is_recorded_and_overridable(project: Path) -> None:
+    text = (project / "aitune.toml").read_text().replace('[targets.adder_export]\nmodule = "adder"\nbackend = "exp"',
+                                                        '[targets.adder_export]\nmodule = "adder"\nbackend = "exp"\ncheck = { rtol = 0.5, atol = 0.1 }')
+    (project / "aitune.toml").write_text(text)
+    assert run_cli(project, "build", "adder_export")[0] == 0
+    import json
+
+    rec = json.loads((project / "build/adder_export/build.json").read_text())
+    assert rec["check"]["rtol"] == 0.5 and rec["check"]["atol"] == 0.1

@@ -1,0 +1,198 @@
+"""Torch-TensorRT backends: configuration and version logic on the CPU; real builds on a GPU (marker `gpu`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aitune_build.backends.tensorrt_common import check_compile_config, plan_precision
+from aitune_build.errors import UserError
+from aitune_build.manifest import TorchTensorRTAotConfig, TorchTensorRTJitConfig
+from aitune_build.toolchain import gpu_info, has_module
+
+FIELDS = {"enabled_precisions", "workspace_size", "min_block_size", "optimization_level", "use_explicit_typing", "immutable_weights"}
+
+
+def test_unknown_compile_config_key_names_key_and_version() -> None:
+    with pytest.raises(UserError, match=r"backends.t.compile_config.optimisation_level: not a CompilationSettings field of the installed "
+                                        r"torch_tensorrt 2.11.0 \(did you mean 'optimization_level'\?\)"):
+        check_compile_config({"optimisation_level": 3}, FIELDS, "2.11.0", "backends.t.compile_config")
+    check_compile_config({"optimization_level": 3, "engine_cache_size": 1 << 30}, FIELDS, "2.11.0", "k")
+
+
+def test_managed_keys_are_refused() -> None:
+    with pytest.raises(UserError, match="engine_cache_dir: set by aitune-build itself"):
+        check_compile_config({"engine_cache_dir": "/tmp/x"}, FIELDS, "2.12.0", "k")
+
+
+@pytest.mark.parametrize(
+    "version,rtx,cast,precisions",
+    [
+        ("2.11.0", False, "float16", None),  # 2.10-2.12 would raise on enabled_precisions under explicit typing
+        ("2.13.0", False, "float16", None),  # 2.13+ would ignore it silently
+        ("2.14.1", False, "float16", None),
+        ("2.11.0", True, "float16", None),  # TensorRT-RTX gives fp32 even with use_explicit_typing=False
+        ("2.9.0", False, None, ["float16"]),  # weakly typed: enabled_precisions is honoured
+    ],
+)
+def test_fp16_translation_per_version(version: str, rtx: bool, cast: str | None, precisions: list | None) -> None:
+    plan = plan_precision("float16", {"enabled_precisions": ["float16"], "use_explicit_typing": False, "min_block_size": 1}, version, rtx)
+    assert plan.cast == cast
+    assert plan.settings.get("enabled_precisions") == precisions
+    assert plan.settings["min_block_size"] == 1
+    if cast:
+        assert "use_explicit_typing" not in plan.settings
+
+
+def test_fp32_needs_no_cast() -> None:
+    plan = plan_precision("float32", {"enabled_precisions": ["float32"]}, "2.13.0", False)
+    assert plan.cast is None and "enabled_precisions" not in plan.settings
+
+
+def test_precision_comes_from_enabled_precisions_or_autocast() -> None:
+    assert TorchTensorRTAotConfig(kind="torch_tensorrt_aot", compile_config={"enabled_precisions": ["float16"]}).precision == "float16"
+    assert TorchTensorRTAotConfig(kind="torch_tensorrt_aot").precision == "float32"
+    jit = TorchTensorRTJitConfig(kind="torch_tensorrt_jit", autocast_enabled=True, autocast_dtype="bfloat16")
+    assert jit.precision == "bfloat16"
+
+
+def test_gpu_key_has_trt_versions_and_gpu(tmp_path: Path) -> None:
+    from aitune_build.backends import backend_for
+
+    chain = backend_for("torch_tensorrt_aot")(TorchTensorRTAotConfig(kind="torch_tensorrt_aot")).toolchain()
+    assert {"torch", "torch_tensorrt", "tensorrt", "gpu"} <= set(chain)
+
+
+needs_gpu = pytest.mark.skipif(
+    not (has_module("torch_tensorrt") and gpu_info() is not None),
+    reason="needs an NVIDIA GPU and torch_tensorrt (pip install torch-tensorrt or torch-tensorrt-rtx)",
+)
+
+GPU_MANIFEST = """
+[project]
+name = "gpu"
+
+[modules.cnn]
+factory = "models.cnn:build"
+inputs = [{ name = "x", shape = [{ min = 1, opt = 4, max = 16 }, 3, 32, 32] }]
+
+[modules.breaker]
+factory = "models.breaker:build"
+inputs = [{ name = "x", shape = [4, 8] }]
+
+[backends.export]
+kind = "export"
+device = "cuda"
+
+[backends.aot16]
+kind = "torch_tensorrt_aot"
+[backends.aot16.compile_config]
+enabled_precisions = ["float16"]
+min_block_size = 1
+
+[backends.aot32]
+kind = "torch_tensorrt_aot"
+[backends.aot32.compile_config]
+min_block_size = 1
+
+[backends.jit16]
+kind = "torch_tensorrt_jit"
+dynamic_shapes = false
+[backends.jit16.compile_config]
+enabled_precisions = ["float16"]
+min_block_size = 1
+
+[backends.jit_full]
+kind = "torch_tensorrt_jit"
+fullgraph = true
+
+[targets.cnn_export]
+module = "cnn"
+backend = "export"
+
+[targets.cnn_aot16]
+module = "cnn"
+backend = "aot16"
+
+[targets.cnn_aot32]
+module = "cnn"
+backend = "aot32"
+
+[targets.cnn_aot_from_export]
+from = "cnn_export"
+backend = "aot32"
+
+[targets.cnn_jit16]
+module = "cnn"
+backend = "jit16"
+
+[targets.breaker_full]
+module = "breaker"
+backend = "jit_full"
+"""
+
+MODELS = {
+    "models/__init__.py": "",
+    "models/cnn.py": (
+        "import torch\nfrom torch import nn\n\n\ndef build():\n    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),"
+        " nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))\n"
+    ),
+    "models/breaker.py": (
+        "import torch\n\n\nclass Breaker(torch.nn.Module):\n    def forward(self, x):\n        y = x * 2\n"
+        "        print('graph break')\n        return y + 1\n\n\ndef build():\n    return Breaker()\n"
+    ),
+}
+
+
+@pytest.fixture
+def gpu_project(tmp_path: Path) -> Path:
+    root = tmp_path / "gpu"
+    for rel, text in MODELS.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    (root / "aitune.toml").write_text(GPU_MANIFEST)
+    return root
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_backends_end_to_end(gpu_project: Path) -> None:
+    import torch
+
+    import aitune_build
+
+    from .conftest import run_cli
+
+    names = ["cnn_export", "cnn_aot16", "cnn_aot32", "cnn_aot_from_export", "cnn_jit16"]
+    code, out, data = run_cli(gpu_project, "build", "--json", *names)
+    st = {t["name"]: t for t in data["targets"]}
+    assert code == 0, json.dumps(data, indent=1)
+    assert all(st[n]["status"] == "built" for n in names)
+    rec16 = json.loads((gpu_project / "build/cnn_aot16/build.json").read_text())
+    rec32 = json.loads((gpu_project / "build/cnn_aot32/build.json").read_text())
+    # fp16 really ran in fp16: its error sits well above fp32's
+    assert rec16["check"]["max_rel_err"] > 10 * rec32["check"]["max_rel_err"]
+    assert set(rec16["check"]["variants"]) == {"min", "opt", "max"}  # dynamic batch checked on the reloaded artifact
+    assert rec16["toolchain"]["gpu"]["name"] and rec16["toolchain"]["torch_tensorrt"]
+    # cache hit
+    code, out, data = run_cli(gpu_project, "build", "--json", *names)
+    assert {t["status"] for t in data["targets"]} == {"cached"}
+    m = aitune_build.load("cnn_aot16", manifest=str(gpu_project / "aitune.toml"))
+    for batch in (1, 7, 16):
+        assert m(torch.randn(batch, 3, 32, 32, device="cuda")).shape == (batch, 10)
+    jit = aitune_build.load("cnn_jit16", manifest=str(gpu_project / "aitune.toml"))
+    assert jit(torch.randn(4, 3, 32, 32, device="cuda")).shape == (4, 10)
+    assert any((gpu_project / "build/cnn_jit16/engine_cache").rglob("*")), "engine cache stored with the JIT target"
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_fullgraph_with_graph_break_fails_clearly(gpu_project: Path) -> None:
+    from .conftest import run_cli
+
+    code, out, data = run_cli(gpu_project, "build", "--json", "breaker_full")
+    res = data["targets"][0]
+    assert code == 1 and res["status"] == "failed"
+    assert "graph break" in res["reason"].lower() or "unsupported" in res["reason"].lower(), res["reason"]

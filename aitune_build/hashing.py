@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -22,24 +23,21 @@ _CHUNK = 8 << 20
 _RACY_NS = 2_000_000_000
 
 
-def hash_file(path: Path) -> str:
-    h = xxhash.xxh3_128()
+def _digest(path: Path, h: Any) -> str:
     buf = bytearray(_CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def hash_file(path: Path) -> str:
+    return _digest(path, xxhash.xxh3_128())
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
+    return _digest(path, hashlib.sha256())
 
 
 class StateCache:

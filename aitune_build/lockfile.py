@@ -82,9 +82,13 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
         return {n: [f"{LOCK_NAME} does not exist; build once without --locked and commit it"] for n in order}
     locked = read_lock(path)["targets"]
     problems: dict[str, list[str]] = {}
+    from .backends import backend_for
+
     for name in order:
         if name not in locked:
-            problems[name] = [f"not in {LOCK_NAME}"]
+            config = project.manifest.model.backends[project.manifest.model.targets[name].backend]
+            if backend_for(config.kind)(config).unavailable() is None:  # one that can't build here can't be locked here
+                problems[name] = [f"not in {LOCK_NAME}"]
             continue
         key, comps = _locked_key(project, name, locked)
         if key != locked[name]["key"]:

@@ -180,3 +180,11 @@ def test_load_with_build_true_builds_first(project: Path) -> None:
         aitune_build.load("mlp_eager", manifest=str(project / "aitune.toml"))
     m = aitune_build.load("mlp_eager", manifest=str(project / "aitune.toml"), build=True)
     assert m(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_cache_readonly_builds_without_writing_the_cache(project: Path) -> None:
+    code, out, data = run_cli(project, "build", "--cache-readonly", "--json", "adder_export")
+    assert code == 0 and data["targets"][0]["status"] == "built"
+    assert (project / "build/adder_export/model.pt2").is_file()
+    assert not (project / ".aitune/store-v1/objects").exists() or not any((project / ".aitune/store-v1/objects").rglob("entry.json"))
+    assert not (project / "aitune.lock").exists()

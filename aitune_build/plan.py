@@ -33,10 +33,6 @@ def select(man: Manifest, names: list[str] | tuple[str, ...]) -> list[str]:
     return order
 
 
-def dependents(man: Manifest, target: str) -> list[str]:
-    return [n for n, t in man.targets.items() if t.from_ == target]
-
-
 @dataclass(frozen=True)
 class Staleness:
     """Whether a target's output is current, and if not, why (one line per changed component)."""

@@ -60,15 +60,13 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
         from .project import Project
 
         project = Project.open(manifest_path)
-        if target not in project.manifest.model.targets:
-            from .plan import select
+        from .plan import select
 
-            select(project.manifest.model, [target])  # raises the "did you mean" error
+        order = select(project.manifest.model, [target])  # raises the "did you mean" error for unknown names
         if build:
             from .executor import FAILED, BuildOptions, build as run_build
-            from .plan import select
 
-            results = run_build(project, select(project.manifest.model, [target]), BuildOptions(named=(target,)))
+            results = run_build(project, order, BuildOptions(named=(target,)))
             bad = [r for r in results if r.status in (FAILED, "skipped")]
             if bad:
                 raise AituneError(f"building {bad[0].name} {bad[0].status}: {bad[0].reason}")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,18 +115,34 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         reporter.close()
         if not cache_readonly and not locked:
             lockfile.update(project, results)
+        drift = lockfile.artifact_drift(project, results) if locked else {}
         summary = {s: sum(r.status == s for r in results) for s in ("built", "cached", "failed", "skipped")}
         summary["seconds"] = round(reporter.elapsed(), 3)
         if as_json:
-            click.echo(json.dumps({"targets": [r.as_json() for r in results], "summary": summary}, indent=2))
+            doc = {"targets": [r.as_json() for r in results], "summary": summary}
+            if drift:
+                doc["lock_artifacts"] = drift
+            click.echo(json.dumps(doc, indent=2))
         else:
             click.echo(", ".join(f"{v} {k}" for k, v in summary.items() if k != "seconds") + f" in {summary['seconds']:.2f}s")
+            _emit_drift(drift)
         failed = [r for r in results if r.status == FAILED]
         if any(r.error == "user" for r in failed):
             return EXIT_USAGE
-        return EXIT_FAILED if failed else EXIT_OK
+        # A deterministic backend that built other bytes than the lock pins is not reproducible: --locked fails.
+        return EXIT_FAILED if failed or any(d["deterministic"] for d in drift.values()) else EXIT_OK
 
     _run(go)
+
+
+def _emit_drift(drift: dict[str, dict[str, Any]]) -> None:
+    for name, d in drift.items():
+        if d["deterministic"]:
+            click.echo(f"aitune-build: error: {name}: not reproducible: built {d['built'][:16]}…, aitune.lock pins "
+                       f"{d['locked'][:16]}… for the same key ({d['backend']} builds should be bit-for-bit identical)", err=True)
+        else:
+            click.echo(f"aitune-build: note: {name}: artifact bytes differ from aitune.lock ({d['backend']} builds are "
+                       "not bit-for-bit deterministic; the key matches)", err=True)
 
 
 def _emit_locked(problems: dict[str, list[str]], as_json: bool) -> None:
@@ -284,9 +299,9 @@ def graph(obj: _Ctx, fmt: str) -> None:
     """The target graph: modules and `from` edges."""
 
     def go() -> int:
-        from .manifest import load_manifest
-
-        man = load_manifest(obj.manifest_path()).model
+        project = obj.open()
+        project.close()
+        man = project.manifest.model
         edges = []
         for name, t in man.targets.items():
             src = f"module:{t.module}" if t.module else t.from_
@@ -320,6 +335,8 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
     """Remove materialised outputs (of TARGETS, default all)."""
 
     def go() -> int:
+        import shutil
+
         from .plan import select
 
         project = obj.open()
@@ -371,7 +388,7 @@ def gc(obj: _Ctx, max_size: str, as_json: bool) -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of aitune.toml."""
-    from .manifest import manifest_schema
+    from .schema import manifest_schema
 
     click.echo(json.dumps(manifest_schema(), indent=2))
 

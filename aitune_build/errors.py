@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
 
@@ -39,5 +38,7 @@ class ReproducibilityError(AituneError):
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    import difflib
+
     match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean '{match[0]}'?)" if match else ""

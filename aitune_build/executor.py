@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
 from .keys import key_of
-from .outputs import LOG, CorruptCopy, is_current, materialise, read_record
+from .manifest import to_json
+from .outputs import LOG, CorruptCopy, current_record, materialise, read_record
 from .project import Project
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 BUILT, CACHED, FAILED, SKIPPED = "built", "cached", "failed", "skipped"
 
@@ -58,20 +58,25 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     gpu_slot = threading.Semaphore(1)  # GPU compiles never run side by side within one build
     stop = threading.Event()
 
-    def run(name: str) -> TargetResult:
-        t0 = time.perf_counter()
-        try:
-            res = _build_one(project, name, results, options, gpu_slot, listen)
-        except ReproducibilityError as e:
-            res = TargetResult(name, FAILED, reason=str(e), error="backend")
-        except UserError as e:
-            res = TargetResult(name, FAILED, reason=str(e), error="user")
+    def finish(res: TargetResult, t0: float) -> None:
         res.seconds = time.perf_counter() - t0
-        return res
+        results[res.name] = res
+        listen("done", res.name, res)
+        if res.status == FAILED and not options.keep_going:
+            stop.set()
+
+    def run(job: _Job) -> TargetResult:
+        try:
+            return _build_one(project, job, options, gpu_slot, listen)
+        except ReproducibilityError as e:
+            return TargetResult(job.name, FAILED, job.key, reason=str(e), error="backend")
+        except UserError as e:
+            return TargetResult(job.name, FAILED, job.key, reason=str(e), error="user")
 
     pending = list(order)
-    running: dict[Future, str] = {}
-    with ThreadPoolExecutor(max_workers=max(1, options.jobs)) as pool:
+    running: dict[Future, tuple[str, float]] = {}
+    pool = None  # started at the first target that needs work: a no-op build needs no threads
+    try:
         while pending or running:
             for name in list(pending):
                 if len(running) >= max(1, options.jobs):
@@ -80,48 +85,80 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 if up is not None and up not in results:
                     continue  # upstream still pending or running
                 pending.remove(name)
+                t0 = time.perf_counter()
                 skip = None
                 if stop.is_set():
                     skip = "not started: an earlier target failed (--keep-going builds the rest)"
                 elif up is not None and results[up].status in (FAILED, SKIPPED):
                     skip = f"upstream '{up}' {results[up].status}"
                 if skip:
-                    results[name] = TargetResult(name, SKIPPED, reason=skip, error="upstream")
-                    listen("done", name, results[name])
+                    finish(TargetResult(name, SKIPPED, reason=skip, error="upstream"), t0)
                     continue
-                running[pool.submit(run, name)] = name
+                # Keys are computed here, in order; an up-to-date target is done without a thread hand-off, so a
+                # no-op build costs a key and a few stats per target.
+                try:
+                    job = _prepare(project, name, results)
+                except UserError as e:
+                    finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
+                    continue
+                current = None if options.force or options.check_reproducible else current_record(project.target_dir(name), job.key, project.state)
+                if current is not None:
+                    finish(TargetResult(name, CACHED, job.key, reason="up to date", record=current), t0)
+                    continue
+                if pool is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    pool = ThreadPoolExecutor(max_workers=max(1, options.jobs))
+                running[pool.submit(run, job)] = (name, t0)
             if not running:
                 continue
+            from concurrent.futures import FIRST_COMPLETED, wait
+
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                name = running.pop(fut)
-                results[name] = fut.result()
-                listen("done", name, results[name])
-                if results[name].status == FAILED and not options.keep_going:
-                    stop.set()
+                _, t0 = running.pop(fut)
+                finish(fut.result(), t0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     project.close()
     return [results[n] for n in order]
 
 
-def _build_one(project: Project, name: str, results: dict[str, TargetResult], options: BuildOptions,
-               gpu_slot: threading.Semaphore, listen: Listener) -> TargetResult:
+@dataclass(frozen=True)
+class _Job:
+    """A target ready to build: its backend, key and, for a `from` edge, the upstream artifact."""
+
+    name: str
+    backend: Any
+    comps: dict[str, Any]
+    key: str
+    upstream_file: Path | None
+
+
+def _prepare(project: Project, name: str, results: dict[str, TargetResult]) -> _Job:
     man = project.manifest.model
     spec = man.targets[name]
     config = man.backends[spec.backend]
-    backend = backend_for(config.kind)(config)
-    folder = project.target_dir(name)
     upstream_file = upstream_digest = None
     if spec.from_ is not None:
         up_rec = results[spec.from_].record
         upstream_file = project.target_dir(spec.from_) / up_rec["artifact"]
         upstream_digest = up_rec["files"][up_rec["artifact"]]["xxh3"]
     comps = project.fingerprinter.components(name, upstream_digest)
-    key = key_of(comps)
+    return _Job(name, backend_for(config.kind)(config), comps, key_of(comps), upstream_file)
+
+
+def _build_one(project: Project, job: _Job, options: BuildOptions, gpu_slot: threading.Semaphore,
+               listen: Listener) -> TargetResult:
+    name, backend, comps, key, upstream_file = job.name, job.backend, job.comps, job.key, job.upstream_file
+    folder = project.target_dir(name)
     store = project.store
 
     if not options.force:
-        if is_current(folder, key, project.state):
-            res = TargetResult(name, CACHED, key, reason="up to date", record=read_record(folder) or {})
+        current = current_record(folder, key, project.state)
+        if current is not None:
+            res = TargetResult(name, CACHED, key, reason="up to date", record=current)
             return _maybe_check_reproducible(project, res, backend, options, gpu_slot, listen, upstream_file, comps)
         hit = _from_store(project, name, key)
         if hit is not None:
@@ -130,7 +167,7 @@ def _build_one(project: Project, name: str, results: dict[str, TargetResult], op
     reason = backend.unavailable()
     if reason:
         status = FAILED if name in options.named else SKIPPED
-        return TargetResult(name, status, key, reason=f"{config.kind} cannot run here: {reason}", error="unavailable")
+        return TargetResult(name, status, key, reason=f"{backend.kind} cannot run here: {reason}", error="unavailable")
 
     lock = store.lock(key) if not store.readonly else _NoLock()
     with lock:
@@ -157,6 +194,8 @@ def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
 
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
              gpu_slot: threading.Semaphore) -> TargetResult:
+    import shutil
+
     folder = project.target_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
@@ -187,10 +226,12 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
 
 def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path, needs_gpu: bool,
                 gpu_slot: threading.Semaphore) -> dict[str, Any]:
+    import subprocess
+
     result = artifact_dir.with_name(artifact_dir.name + ".result.json")
     job = artifact_dir.with_name(artifact_dir.name + ".job.json")
     job.write_text(json.dumps({
-        "manifest": str(project.manifest.path), "target": name, "artifact_dir": str(artifact_dir),
+        "manifest": str(project.manifest.path), "manifest_data": to_json(project.manifest.model), "target": name, "artifact_dir": str(artifact_dir),
         "upstream": str(upstream) if upstream else None, "result": str(result),
     }))
     env = dict(os.environ)
@@ -213,6 +254,8 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
 
 
 def _describe_exit(code: int) -> str:
+    import signal
+
     if code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -229,6 +272,8 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
     if not backend.deterministic:
         res.reason += f"; not checked for reproducibility: {backend.kind} builds are not bit-for-bit deterministic"
         return res
+    import shutil
+
     listen("start", res.name, None)
     tmp = project.store.new_tmp()
     try:

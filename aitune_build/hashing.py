@@ -1,12 +1,12 @@
 """Content digests with a stat cache: an unchanged file costs a stat, not a read.
 
-The state file maps an absolute path to (inode, mtime_ns, size, xxh3-128 digest), and a source file's digest to the
-imports found in it, so an unchanged source is neither read nor parsed again.
+The state file maps an absolute path to (inode, mtime_ns, size, xxh3-128 digest), a source file's digest to the
+imports found in it, so an unchanged source is neither read nor parsed again, and a manifest's digest to its
+validated form, so an unchanged aitune.toml is not validated again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -18,7 +18,8 @@ import xxhash
 
 from .fsutil import atomic_write_bytes
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+_MANIFESTS_KEPT = 4
 _CHUNK = 8 << 20
 _RACY_NS = 2_000_000_000
 
@@ -37,6 +38,8 @@ def hash_file(path: Path) -> str:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     return _digest(path, hashlib.sha256())
 
 
@@ -49,11 +52,12 @@ class StateCache:
         self._dirty = False
         self._files: dict[str, list] = {}
         self._imports: dict[str, list] = {}
+        self._manifests: dict[str, dict] = {}
         if path is not None:
             try:
                 data = json.loads(path.read_bytes())
                 if data.get("version") == STATE_VERSION:
-                    self._files, self._imports = data["files"], data["imports"]
+                    self._files, self._imports, self._manifests = data["files"], data["imports"], data["manifests"]
             except (OSError, ValueError, KeyError, TypeError):
                 pass
 
@@ -88,6 +92,18 @@ class StateCache:
             self._imports[digest] = found
             self._dirty = True
 
+    def validated(self, digest: str) -> dict | None:
+        with self._lock:
+            return self._manifests.get(digest)
+
+    def set_validated(self, digest: str, data: dict) -> None:
+        with self._lock:
+            self._manifests.pop(digest, None)
+            self._manifests[digest] = data  # newest last; a shared cache dir serves a few manifests
+            for old in list(self._manifests)[:-_MANIFESTS_KEPT]:
+                del self._manifests[old]
+            self._dirty = True
+
     def save(self) -> None:
         if self.path is None or not self._dirty:
             return
@@ -95,7 +111,8 @@ class StateCache:
             files = {k: v for k, v in self._files.items() if os.path.exists(k)}
             live = {v[3] for v in files.values()}
             imports = {k: v for k, v in self._imports.items() if k in live}
-            data = json.dumps({"version": STATE_VERSION, "files": files, "imports": imports}, separators=(",", ":"))
+            data = json.dumps({"version": STATE_VERSION, "files": files, "imports": imports, "manifests": self._manifests},
+                              separators=(",", ":"))
             self._dirty = False
         try:
             atomic_write_bytes(self.path, data.encode())

@@ -14,7 +14,7 @@ import xxhash
 
 from .backends import backend_for
 from .hashing import StateCache
-from .manifest import LoadedManifest
+from .manifest import LoadedManifest, to_json
 from .sources import glob_sources, module_sources
 from .toolchain import python_version
 
@@ -37,13 +37,22 @@ class Fingerprinter:
     state: StateCache
     toolchain_override: dict[str, Any] | None = None  # tests fake toolchain versions through this
     _sources: dict[str, dict] = field(default_factory=dict)
+    _json: dict[tuple[str, str], Any] = field(default_factory=dict)  # specs as JSON, by (table, name)
+    _toolchains: dict[str, dict] = field(default_factory=dict)
 
     def toolchain(self, backend_kind: str) -> dict[str, Any]:
-        config = next(c for c in self.manifest.model.backends.values() if c.kind == backend_kind)
-        found = {"python": python_version(), **backend_for(backend_kind)(config).toolchain()}
-        if self.toolchain_override:
-            found.update(self.toolchain_override)
-        return found
+        if backend_kind not in self._toolchains:
+            config = next(c for c in self.manifest.model.backends.values() if c.kind == backend_kind)
+            found = {"python": python_version(), **backend_for(backend_kind)(config).toolchain()}
+            if self.toolchain_override:
+                found.update(self.toolchain_override)
+            self._toolchains[backend_kind] = found
+        return self._toolchains[backend_kind]
+
+    def _as_json(self, table: str, name: str, spec: Any) -> Any:
+        if (table, name) not in self._json:
+            self._json[table, name] = to_json(spec)
+        return self._json[table, name]
 
     def _module_sources(self, module_name: str) -> dict[str, Any]:
         if module_name not in self._sources:
@@ -63,14 +72,14 @@ class Fingerprinter:
         module_name, mod = self.manifest.module_of(target)
         config = man.backends[spec.backend]
         root = self.manifest.root
-        module = mod.model_dump(mode="json", exclude={"sources"})
+        module = {k: v for k, v in self._as_json("modules", module_name, mod).items() if k != "sources"}  # files hashed below
         comps: dict[str, Any] = {
             "module": module,
             "sources": self._module_sources(module_name),
             "weights": {mod.weights: self.state.digest(root / mod.weights)} if mod.weights else {},
             "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
-            "backend": config.model_dump(mode="json"),
-            "check": spec.check.model_dump(mode="json"),
+            "backend": self._as_json("backends", spec.backend, config),
+            "check": to_json(spec.check),
             "toolchain": self.toolchain(config.kind),
         }
         if spec.from_ is not None:

@@ -57,9 +57,17 @@ def update(project: Project, results: list[Any]) -> None:
     old_bytes = path.read_bytes() if path.exists() else b""
     lock = read_lock(path)
     targets = {n: e for n, e in lock["targets"].items() if n in project.manifest.model.targets}
+    changed = len(targets) != len(lock["targets"])
     for r in results:
         if r.status in ("built", "cached") and r.record.get("files"):
+            old = targets.get(r.name)
+            art = r.record["files"][r.record["artifact"]]
+            if old is not None and old["key"] == r.record["key"] and old["artifact"]["sha256"] == art["sha256"]:
+                continue  # the key covers every component: the entry would come out the same
             targets[r.name] = entry_for(r.record)
+            changed = True
+    if not changed:
+        return
     new = render({"format": LOCK_FORMAT, "targets": dict(sorted(targets.items()))})
     if new != old_bytes and targets:
         atomic_write_bytes(path, new)
@@ -94,6 +102,29 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
         if key != locked[name]["key"]:
             problems[name] = diff_components(locked[name]["components"], component_digests(comps)) or ["key differs"]
     return problems
+
+
+def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, Any]]:
+    """For `build --locked`: targets whose key matches aitune.lock but whose artifact bytes do not.
+
+    The key pins the inputs; the lock also pins the sha256 of what they built. A rebuild on a cache miss gives other
+    bytes when the backend is not deterministic (TensorRT times tactics), which is expected, or when a backend
+    that should be deterministic is not, which is a reproducibility bug."""
+    from .backends import backend_for
+
+    locked = read_lock(lock_path(project))["targets"]
+    man = project.manifest.model
+    out: dict[str, dict[str, Any]] = {}
+    for r in results:
+        entry = locked.get(r.name)
+        if r.status not in ("built", "cached") or entry is None or entry["key"] != r.key or not r.record.get("files"):
+            continue
+        got = r.record["files"][r.record["artifact"]]["sha256"]
+        if got != entry["artifact"]["sha256"]:
+            kind = man.backends[man.targets[r.name].backend].kind
+            out[r.name] = {"locked": entry["artifact"]["sha256"], "built": got, "deterministic": backend_for(kind).deterministic,
+                           "backend": kind}
+    return out
 
 
 def compare(project: Project, found: dict[str, Any]) -> dict[str, str]:

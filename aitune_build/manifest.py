@@ -1,6 +1,10 @@
-"""The `aitune.toml` contract: pydantic models (one per TOML table) and cross-reference checks.
+"""The manifest as the rest of the program sees it: frozen values (`Spec`), loaded from `aitune.toml`.
 
-Nothing here imports torch. Every user mistake becomes a `ManifestError` naming the file and the key path.
+Validation is pydantic's job (schema.py: the contract, every default). Its models are costly to build, so
+Project.open remembers each validation in the stat cache by the manifest's digest: bytes validated before are
+neither parsed nor validated again, and pydantic is not imported at all (a no-op build stays fast). Reference,
+cycle and file checks run on every load. Nothing here imports torch. Every user mistake becomes a
+`ManifestError` naming the file and the key path.
 """
 
 from __future__ import annotations
@@ -8,13 +12,10 @@ from __future__ import annotations
 import ast
 import re
 import sys
-import types
-import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+import xxhash
 
 from .errors import ManifestError, did_you_mean
 
@@ -25,6 +26,8 @@ else:  # pragma: no cover
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+DEFAULT_CACHE_DIR = ".aitune"
+BACKEND_KINDS = ("export", "inductor_aot", "inductor_jit", "eager", "torch_tensorrt_jit", "torch_tensorrt_aot")
 
 # torch dtype names accepted in input specs, mapped to the canonical torch attribute (no torch import needed).
 DTYPES = {
@@ -33,123 +36,144 @@ DTYPES = {
     "int8": "int8", "int16": "int16", "int32": "int32", "int": "int32", "int64": "int64", "long": "int64",
     "uint8": "uint8", "bool": "bool", "complex64": "complex64", "complex128": "complex128",
 }
-Device = Literal["cpu", "cuda"]
-Precision = Literal["float32", "float16", "bfloat16"]
+
+# A validated manifest is remembered by the digest of its bytes and of the code that validates it.
+_VALIDATOR_FILES = (Path(__file__).with_name("schema.py"), Path(__file__))
 
 
-class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+class Spec:
+    """A frozen value: its fields are the class's annotations (its bases' first), each set once, by keyword.
+
+    Not a dataclass: a no-op build imports every spec class, and @dataclass costs about 1 ms a class at import
+    (it compiles each generated method), more than the keys of a hundred targets take to compute."""
+
+    fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.fields = cls.fields + tuple(n for n in cls.__dict__.get("__annotations__", {}) if n not in cls.fields)
+
+    def __init__(self, **values: Any) -> None:
+        if values.keys() != set(self.fields):
+            missing, extra = sorted(set(self.fields) - values.keys()), sorted(values.keys() - set(self.fields))
+            raise TypeError(f"{type(self).__name__}: missing fields {missing}, unexpected fields {extra}")
+        for name in self.fields:
+            object.__setattr__(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self.fields)
+
+    __hash__ = None  # type: ignore[assignment]  # dict-valued fields: not hashable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self.fields)})"
 
 
-class Project(_Table):
-    name: str = Field(description="Project name.")
-    out_dir: str = Field("build", description="Materialised outputs: <out_dir>/<target>/.")
-    cache_dir: str = Field(".aitune", description="Content-addressed cache; env AITUNE_CACHE_DIR overrides.")
+def to_json(obj: Any) -> Any:
+    """A spec as plain JSON values (what pydantic's model_dump(mode="json") gave for it): key components use this."""
+    if isinstance(obj, Spec):
+        return {f: to_json(getattr(obj, f)) for f in obj.fields}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    return obj
 
 
-class Axis(_Table):
+class ProjectSettings(Spec):
+    name: str
+    out_dir: str
+    cache_dir: str
+
+
+class Axis(Spec):
     """A dynamic axis. Axes sharing a `dim` name are one dimension across inputs."""
 
-    min: int = Field(ge=0)
-    opt: int = Field(ge=0)
-    max: int = Field(ge=1)
-    dim: str | None = Field(None, description="Shared dimension name (one torch.export.Dim).")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Axis:
-        if not self.min <= self.opt <= self.max:
-            raise ValueError(f"need min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}")
-        return self
+    min: int
+    opt: int
+    max: int
+    dim: str | None
 
 
-class InputSpec(_Table):
-    name: str = Field(description="Parameter name of forward().")
-    shape: list[Annotated[int, Field(ge=0)] | Axis]
-    dtype: str = Field("float32", description="torch dtype name, e.g. float32, int64, bool.")
-    range: tuple[float, float] | None = Field(None, description="[low, high) for generated example values.")
-    sample: str | None = Field(None, description="Recorded example tensor file (torch.save), hashed into the key.")
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, v: str) -> str:
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype '{v}'{did_you_mean(v, DTYPES)}; one of: {', '.join(sorted(set(DTYPES.values())))}")
-        return DTYPES[v]
-
-    @field_validator("range")
-    @classmethod
-    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not v[0] < v[1]:
-            raise ValueError(f"need low < high, got {list(v)}")
-        return v
+class InputSpec(Spec):
+    name: str
+    shape: tuple[int | Axis, ...]
+    dtype: str
+    range: tuple[float, float] | None
+    sample: str | None
 
     @property
     def is_dynamic(self) -> bool:
         return any(isinstance(d, Axis) for d in self.shape)
 
-
-class ModuleSpec(_Table):
-    factory: str = Field(description='"module.path:callable", importable from the manifest\'s folder.')
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
-    weights: str | None = Field(None, description="state_dict file, loaded with weights_only=True.")
-    sources: list[str] = Field(default_factory=list, description="Extra file globs that belong to the key.")
-    inputs: list[InputSpec] = Field(min_length=1)
-
-    @field_validator("factory")
     @classmethod
-    def _factory(cls, v: str) -> str:
-        if not FACTORY_RE.match(v):
-            raise ValueError(f"'{v}' is not of the form 'package.module:callable'")
-        return v
+    def from_json(cls, d: dict[str, Any]) -> InputSpec:
+        shape = tuple(Axis(**a) if isinstance(a, dict) else a for a in d["shape"])
+        rng = tuple(d["range"]) if d["range"] is not None else None
+        return cls(name=d["name"], shape=shape, dtype=d["dtype"], range=rng, sample=d["sample"])
 
 
-class _Backend(_Table):
+class ModuleSpec(Spec):
+    factory: str
+    args: dict[str, Any]
+    weights: str | None
+    sources: tuple[str, ...]
+    inputs: tuple[InputSpec, ...]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ModuleSpec:
+        return cls(factory=d["factory"], args=d["args"], weights=d["weights"], sources=tuple(d["sources"]),
+                   inputs=tuple(InputSpec.from_json(i) for i in d["inputs"]))
+
+
+class BackendConfig(Protocol):
+    """What every [backends.X] table has; each kind's dataclass adds its own fields (see schema.py)."""
+
+    kind: str
+    device: str
+
+    @property
+    def precision(self) -> str: ...
+
+
+class _Backend(Spec):
+    kind: str
+    device: str
+
     @property
     def precision(self) -> str:
         return "float32"
 
 
 class ExportConfig(_Backend):
-    """torch.export -> .pt2 (an ExportedProgram)."""
-
-    kind: Literal["export"]
-    device: Device = "cpu"
-    strict: bool = Field(False, description="torch.export strict mode.")
+    strict: bool
 
 
 class InductorAotConfig(_Backend):
-    """AOTInductor package -> .pt2."""
-
-    kind: Literal["inductor_aot"]
-    device: Device = "cpu"
-    inductor_configs: dict[str, Any] = Field(default_factory=dict, description="torch._inductor config overrides.")
+    inductor_configs: dict[str, Any]
 
 
 class InductorJitConfig(_Backend):
-    """torch.compile (Inductor): build = compile + warm-up + check; load recompiles."""
-
-    kind: Literal["inductor_jit"]
-    device: Device = "cpu"
-    mode: str | None = None
-    fullgraph: bool = False
-    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
-    options: dict[str, Any] = Field(default_factory=dict)
+    mode: str | None
+    fullgraph: bool
+    dynamic_shapes: bool | None
+    options: dict[str, Any]
 
 
 class EagerConfig(_Backend):
-    """The reference: the module as the factory returns it."""
-
-    kind: Literal["eager"]
-    device: Device = "cpu"
+    pass
 
 
 class _TorchTensorRT(_Backend):
-    device: Literal["cuda"] = "cuda"
-    compile_config: dict[str, Any] = Field(
-        default_factory=dict, description="torch_tensorrt CompilationSettings fields, checked against the installed version."
-    )
-    autocast_enabled: bool = False
-    autocast_dtype: Precision | None = None
+    compile_config: dict[str, Any]
+    autocast_enabled: bool
+    autocast_dtype: str | None
 
     @property
     def precision(self) -> str:
@@ -163,60 +187,57 @@ class _TorchTensorRT(_Backend):
 
 
 class TorchTensorRTJitConfig(_TorchTensorRT):
-    """torch.compile(backend="torch_tensorrt"): compiled at run time; the build keeps a record and the engine cache."""
-
-    kind: Literal["torch_tensorrt_jit"]
-    fullgraph: bool = Field(False, description="true: fail on graph breaks.")
-    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
-    engine_cache: bool = Field(True, description="Store torch_tensorrt's engine cache with the target (needs immutable_weights=false).")
+    fullgraph: bool
+    dynamic_shapes: bool | None
+    engine_cache: bool
 
 
 class TorchTensorRTAotConfig(_TorchTensorRT):
-    """torch_tensorrt dynamo compile during the build, saved to disk, loaded without recompiling."""
-
-    kind: Literal["torch_tensorrt_aot"]
-    output_format: Literal["exported_program", "torchscript", "aot_inductor"] = "exported_program"
+    output_format: str
 
 
-BackendConfig = Annotated[
-    Union[ExportConfig, InductorAotConfig, InductorJitConfig, EagerConfig, TorchTensorRTJitConfig, TorchTensorRTAotConfig],
-    Field(discriminator="kind"),
-]
-BACKEND_KINDS = ("export", "inductor_aot", "inductor_jit", "eager", "torch_tensorrt_jit", "torch_tensorrt_aot")
+BACKEND_CONFIGS: dict[str, type] = {
+    "export": ExportConfig, "inductor_aot": InductorAotConfig, "inductor_jit": InductorJitConfig,
+    "eager": EagerConfig, "torch_tensorrt_jit": TorchTensorRTJitConfig, "torch_tensorrt_aot": TorchTensorRTAotConfig,
+}
 
 
-class CheckSpec(_Table):
-    """Numeric check of the reloaded artifact against eager; tolerances default by precision."""
-
-    rtol: float | None = Field(None, ge=0)
-    atol: float | None = Field(None, ge=0)
-    seed: int = 0
+def backend_config(d: dict[str, Any]) -> BackendConfig:
+    """A backend config from its normalised JSON (a manifest's, or a build.json's key components)."""
+    return BACKEND_CONFIGS[d["kind"]](**d)
 
 
-class TargetSpec(_Table):
-    module: str | None = Field(None, description="A [modules] entry built from its factory.")
-    from_: str | None = Field(None, alias="from", description="An upstream target whose artifact is the input.")
+class CheckSpec(Spec):
+    rtol: float | None
+    atol: float | None
+    seed: int
+
+
+class TargetSpec(Spec):
+    module: str | None
+    from_: str | None
     backend: str
-    check: CheckSpec = Field(default_factory=CheckSpec)
-
-    @model_validator(mode="after")
-    def _one_source(self) -> TargetSpec:
-        if (self.module is None) == (self.from_ is None):
-            raise ValueError("set exactly one of 'module' or 'from'")
-        return self
+    check: CheckSpec
 
 
-class Manifest(_Table):
-    """An aitune.toml file."""
+class Manifest(Spec):
+    project: ProjectSettings
+    modules: dict[str, ModuleSpec]
+    backends: dict[str, BackendConfig]
+    targets: dict[str, TargetSpec]
 
-    project: Project
-    modules: dict[str, ModuleSpec] = Field(default_factory=dict)
-    backends: dict[str, BackendConfig] = Field(default_factory=dict)
-    targets: dict[str, TargetSpec] = Field(default_factory=dict)
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        return cls(
+            project=ProjectSettings(**d["project"]),
+            modules={n: ModuleSpec.from_json(m) for n, m in d["modules"].items()},
+            backends={n: backend_config(b) for n, b in d["backends"].items()},
+            targets={n: TargetSpec(module=t["module"], from_=t["from_"], backend=t["backend"], check=CheckSpec(**t["check"]))
+                     for n, t in d["targets"].items()},
+        )
 
 
-@dataclass(frozen=True)
-class LoadedManifest:
+class LoadedManifest(Spec):
     path: Path  # absolute
     display: str  # as messages name it
     root: Path  # the manifest's folder: factories import from here, relative paths resolve here
@@ -233,26 +254,57 @@ class LoadedManifest:
         return spec.module, self.model.modules[spec.module]
 
 
-def load_manifest(path: str | Path) -> LoadedManifest:
-    path = Path(path)
-    display = _display(path)
+def read_bytes(path: Path) -> bytes:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes()
     except FileNotFoundError:
-        raise ManifestError(display, "", "no such file; create an aitune.toml or pass --manifest / -C") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ManifestError(display, "", f"invalid TOML: {e}") from None
-    return validate(data, path.resolve(), display)
+        raise ManifestError(_display(path), "", "no such file; create an aitune.toml or pass --manifest / -C") from None
+    except IsADirectoryError:
+        raise ManifestError(_display(path), "", "is a folder, not a file") from None
 
 
-def validate(data: dict, path: Path, display: str) -> LoadedManifest:
+def parse(raw: bytes, path: Path) -> dict[str, Any]:
+    """The TOML document; a ManifestError for malformed TOML."""
     try:
-        model = Manifest.model_validate(data)
-    except ValidationError as e:
-        raise _from_validation_error(e, display) from None
-    loaded = LoadedManifest(path=path, display=display, root=path.parent, model=model)
+        return tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(_display(path), "", f"invalid TOML: {e}") from None
+
+
+def validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The document validated by pydantic (schema.py), as JSON with every default filled in."""
+    from .schema import normalise
+
+    return normalise(data, _display(path))
+
+
+def validation_digest(raw: bytes) -> str:
+    """What a validated manifest is remembered by: its bytes and the code that validates them."""
+    h = xxhash.xxh3_128(raw)
+    for f in _VALIDATOR_FILES:
+        h.update(b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def checked(path: Path, model: Manifest) -> LoadedManifest:
+    """A validated manifest, its references, names, cycles and files checked (these run on every load)."""
+    path = Path(path).resolve()
+    loaded = LoadedManifest(path=path, display=_display(path), root=path.parent, model=model)
     _check_references(loaded)
     return loaded
+
+
+def load_manifest(path: str | Path) -> LoadedManifest:
+    """Read, validate and check a manifest (Project.open does the same, remembering validations)."""
+    path = Path(path)
+    return checked(path, Manifest.from_json(validate(parse(read_bytes(path), path), path)))
+
+
+def loaded_from_json(path: Path, data: dict[str, Any]) -> LoadedManifest:
+    """A manifest validated and checked in another process (the build hands it to each worker as JSON, so a worker
+    builds exactly what was hashed even if aitune.toml is edited meanwhile)."""
+    path = Path(path)
+    return LoadedManifest(path=path, display=_display(path), root=path.parent, model=Manifest.from_json(data))
 
 
 def _display(path: Path) -> str:
@@ -260,88 +312,6 @@ def _display(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
-
-
-# --- turning pydantic's errors into one line naming the key ---------------------------------------------------
-
-
-def _from_validation_error(exc: ValidationError, display: str) -> ManifestError:
-    errors = exc.errors()
-    # A shape entry is an int or an Axis table: report the member the user evidently meant.
-    err = next((e for e in errors if not (e["type"].startswith("int_") and isinstance(e["input"], dict))), errors[0])
-    if any(p in ("Axis", "constrained-int", "int") for p in err["loc"]) and not isinstance(err["input"], (dict, int)):
-        shown, _ = _walk(list(err["loc"]))
-        return ManifestError(display, _format_loc(shown), f"expected an integer or a table {{min, opt, max[, dim]}}, got {err['input']!r}")
-    loc, kind, msg = list(err["loc"]), err["type"], err["msg"]
-    shown, fields = _walk(loc)
-    key = _format_loc(shown)
-    if kind == "extra_forbidden":
-        bad = str(loc[-1])
-        return ManifestError(display, key, f"unknown key '{bad}'{did_you_mean(bad, fields)}; allowed: {', '.join(fields)}")
-    if kind == "missing":
-        return ManifestError(display, key, "required key is missing")
-    if kind == "union_tag_invalid":
-        tag = err.get("ctx", {}).get("tag", "?")
-        return ManifestError(display, key + ".kind", f"unknown backend kind '{tag}'{did_you_mean(tag, BACKEND_KINDS)}; one of: {', '.join(BACKEND_KINDS)}")
-    if kind == "union_tag_not_found":
-        return ManifestError(display, key + ".kind", f"required key is missing; one of: {', '.join(BACKEND_KINDS)}")
-    return ManifestError(display, key, msg.removeprefix("Value error, "))
-
-
-def _walk(loc: list) -> tuple[list, list[str]]:
-    """Follow pydantic's loc through the models, dropping the parts that name a union member.
-
-    Returns the path as the user wrote it and the keys allowed in the last table visited."""
-    ann: Any = Manifest
-    shown: list = []
-    fields: list[str] = []
-    for part in loc:
-        ann = _strip(ann)
-        origin = typing.get_origin(ann)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            by_key = {f.alias or n: f for n, f in ann.model_fields.items()}
-            fields = list(by_key)
-            shown.append(part)
-            ann = by_key[part].annotation if part in by_key else None
-        elif origin is dict:
-            shown.append(part)
-            ann = typing.get_args(ann)[1]
-        elif origin in (list, tuple):
-            shown.append(part)
-            ann = typing.get_args(ann)[0]
-        elif origin in (Union, types.UnionType) and isinstance(part, str):
-            members = [_strip(a) for a in typing.get_args(ann)]
-            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
-            ann = next((m for m in models if part in (m.__name__, _kind_of(m))), None)
-        else:
-            shown.append(part)
-            ann = None
-    return shown, fields
-
-
-def _kind_of(model: type[BaseModel]) -> str | None:
-    f = model.model_fields.get("kind")
-    return typing.get_args(f.annotation)[0] if f is not None else None
-
-
-def _strip(ann: Any) -> Any:
-    while typing.get_origin(ann) is Annotated:
-        ann = typing.get_args(ann)[0]
-    if typing.get_origin(ann) in (Union, types.UnionType):
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        if len(args) == 1:
-            return _strip(args[0])
-    return ann
-
-
-def _format_loc(loc: list) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + (str(part) if NAME_RE.match(str(part)) and "." not in str(part) else f'"{part}"')
-    return out
 
 
 # --- references, names, cycles, files ---------------------------------------------------------------------------
@@ -449,8 +419,3 @@ def module_file(root: Path, dotted: str) -> Path | None:
     return None
 
 
-def manifest_schema() -> dict:
-    schema = Manifest.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "aitune.toml"
-    return schema

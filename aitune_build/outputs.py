@@ -7,7 +7,6 @@ written last; until then the folder still describes the previous good build.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,19 +29,23 @@ def read_record(folder: Path) -> dict[str, Any] | None:
     return rec if rec is not None and rec.get("format") == BUILD_FORMAT else None
 
 
-def is_current(folder: Path, key: str, state: StateCache) -> bool:
-    """Whether folder holds an intact build of key (a stat per file when nothing changed)."""
+def current_record(folder: Path, key: str, state: StateCache) -> dict[str, Any] | None:
+    """folder's build.json when the folder holds an intact build of key (a stat per file when nothing changed)."""
     rec = read_record(folder)
     if rec is None or rec.get("key") != key:
-        return False
+        return None
     for name, want in rec.get("files", {}).items():
         f = folder / name
         try:
             if f.stat().st_size != want["size"] or state.digest(f) != want["xxh3"]:
-                return False
+                return None
         except OSError:
-            return False
-    return True
+            return None
+    return rec
+
+
+def is_current(folder: Path, key: str, state: StateCache) -> bool:
+    return current_record(folder, key, state) is not None
 
 
 def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
@@ -56,6 +59,8 @@ def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], re
         if stale.name in tops or stale.name.startswith("."):
             continue
         if stale.is_dir():
+            import shutil
+
             shutil.rmtree(stale, ignore_errors=True)
         else:
             os.unlink(stale)

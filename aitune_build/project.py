@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .hashing import StateCache
+from .hashing import STATE_VERSION, StateCache
 from .keys import Fingerprinter
-from .manifest import LoadedManifest, load_manifest
-from .store import ArtifactStore
+from .manifest import DEFAULT_CACHE_DIR, LoadedManifest, Manifest, checked, parse, read_bytes, validate, validation_digest
 
-STATE_FILE = "state-v1.json"
+if TYPE_CHECKING:
+    from .store import ArtifactStore
+
+STATE_FILE = f"state-v{STATE_VERSION}.json"
 
 
 @dataclass
@@ -27,16 +29,41 @@ class Project:
     @classmethod
     def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
              toolchain_override: dict[str, Any] | None = None) -> Project:
-        m = load_manifest(manifest_path)
+        path = Path(manifest_path)
+        raw = read_bytes(path)
+        digest = validation_digest(raw)
         env = os.environ.get("AITUNE_CACHE_DIR")
-        cache_dir = Path(env).resolve() if env else m.root / m.model.project.cache_dir
-        state = StateCache(cache_dir / STATE_FILE if (cache_dir.is_dir() or not readonly_cache) else None)
+
+        def state_in(cache_dir: Path) -> StateCache:
+            return StateCache(cache_dir / STATE_FILE if (cache_dir.is_dir() or not readonly_cache) else None)
+
+        # The state file, which remembers validated manifests, lives in the cache dir that the manifest names. Look
+        # in the usual place first; a hit there tells where the manifest puts it (the digest covers project.cache_dir).
+        cache_dir = Path(env).resolve() if env else path.resolve().parent / DEFAULT_CACHE_DIR
+        state = state_in(cache_dir)
+        model = _remembered(state, digest)
+        if model is not None and not env and path.resolve().parent / model.project.cache_dir != cache_dir:
+            model = None  # remembered here while AITUNE_CACHE_DIR pointed here: look where the manifest says
+        if model is None:
+            data = parse(raw, path)
+            declared = data.get("project", {}).get("cache_dir") if isinstance(data.get("project"), dict) else None
+            if not env and isinstance(declared, str) and path.resolve().parent / declared != cache_dir:
+                cache_dir = path.resolve().parent / declared
+                state = state_in(cache_dir)
+                model = _remembered(state, digest)
+            if model is None:
+                normal = validate(data, path)  # a bad project.cache_dir is reported here
+                state.set_validated(digest, normal)
+                model = Manifest.from_json(normal)
+        m = checked(path, model)
         fp = Fingerprinter(m, state, toolchain_override=toolchain_override)
         return cls(manifest=m, cache_dir=cache_dir, state=state, fingerprinter=fp, readonly_cache=readonly_cache)
 
     @property
     def store(self) -> ArtifactStore:
         if self._store is None:
+            from .store import ArtifactStore  # a no-op build never opens the store
+
             self._store = ArtifactStore(self.cache_dir, self.state, readonly=self.readonly_cache)
         return self._store
 
@@ -50,6 +77,18 @@ class Project:
     def close(self) -> None:
         if not self.readonly_cache:
             self.state.save()
+
+
+def _remembered(state: StateCache, digest: str) -> Manifest | None:
+    """The manifest as validated before, or None when it was not or the record does not convert (a damaged state
+    file is never served: the manifest is validated again)."""
+    normal = state.validated(digest)
+    if normal is None:
+        return None
+    try:
+        return Manifest.from_json(normal)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,9 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
     From the project's materialised outputs (building TARGET first when build=True), or, with archive=, from a
     release archive that is verified and unpacked into the cache once. eager and JIT targets re-create the module
     from its factory, so they need the project (the manifest's folder) at hand."""
-    from pydantic import TypeAdapter
-
     from .backends import BuildContext, backend_for
     from .factory import make_module
-    from .manifest import BackendConfig, InputSpec, ModuleSpec
+    from .manifest import InputSpec, ModuleSpec, backend_config
     from .outputs import read_record
 
     project = None
@@ -75,8 +73,8 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
         if record is None:
             raise UserError(f"target '{target}' is not built: run `aitune-build build {target}` or pass build=True")
     comps = record["components"]
-    config = TypeAdapter(BackendConfig).validate_python(comps["backend"])
-    inputs = [InputSpec.model_validate(i) for i in comps["module"]["inputs"]]
+    config = backend_config(comps["backend"])
+    inputs = [InputSpec.from_json(i) for i in comps["module"]["inputs"]]
     backend = backend_for(config.kind)(config)
     reason = backend.unavailable()
     if reason:
@@ -86,7 +84,7 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
         if project is None:
             raise UserError(f"{target} ({config.kind}) re-creates its module from the factory: pass manifest= of its project")
         name, _ = project.manifest.module_of(target)
-        spec = ModuleSpec.model_validate({**comps["module"], "sources": []})
+        spec = ModuleSpec.from_json({**comps["module"], "sources": []})
         return make_module(project.manifest, name, spec, config.device)
 
     upstream = None

@@ -6,7 +6,6 @@ the project root is third-party and is covered by the toolchain versions instead
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 from .hashing import StateCache
@@ -16,6 +15,8 @@ from .manifest import module_file
 def _scan(source: bytes, filename: str) -> list[list]:
     """[level, module, [names]] for every import statement, at any depth (imports inside functions count too)."""
     try:
+        import ast  # only for a source not scanned before
+
         tree = ast.parse(source, filename=filename)
     except SyntaxError:
         return []

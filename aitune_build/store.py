@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from filelock import FileLock
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 from .fsutil import atomic_write_json, read_json
 from .hashing import StateCache, hash_file, sha256_file
@@ -72,10 +72,14 @@ class ArtifactStore:
         return self.root / "objects" / key[:2] / key
 
     def lock(self, key: str) -> FileLock:
+        from filelock import FileLock  # imported when something is built: a no-op build takes no lock
+
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
 
     def gpu_lock(self) -> FileLock:
         """Held around GPU compiles so that builds of one machine don't oversubscribe its GPU."""
+        from filelock import FileLock
+
         return FileLock(str(self.root / "locks" / "gpu.lock"))
 
     def has(self, key: str) -> bool:
@@ -108,6 +112,8 @@ class ArtifactStore:
 
     def new_tmp(self) -> Path:
         base = self.root / "tmp" if not self.readonly else None
+        import tempfile
+
         return Path(tempfile.mkdtemp(prefix="build-", dir=base))
 
     def put(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry:

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import AituneError, CheckFailed, UserError
 from .fsutil import atomic_write_json
 from .factory import make_module
-from .manifest import load_manifest
+from .manifest import loaded_from_json
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     from .check import DEFAULT_TOLERANCES, compare
     from .inputs import variants
 
-    m = load_manifest(job["manifest"])
+    m = loaded_from_json(Path(job["manifest"]), job["manifest_data"])
     target = m.model.targets[job["target"]]
     config = m.model.backends[target.backend]
     module_name, mod_spec = m.module_of(job["target"])

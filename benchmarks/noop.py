@@ -1,10 +1,17 @@
 """No-op build time against the number of targets, and cold hashing speed against plain reading.
 
-    python benchmarks/noop.py [--sizes 10 100 1000] [--repeat 7]
+    python benchmarks/noop.py [--sizes 10 100 1000] [--repeat 15] [--no-hash]
 
 Generates a manifest of N eager targets (eager builds are the cheapest real builds), builds it once, then times
-whole-process `aitune-build build` runs that find everything up to date (median of --repeat). Also times hashing a
-cold 1 GiB file with the stat cache empty against reading it (median of 3, page cache dropped where allowed).
+whole-process `aitune-build build` runs that find everything up to date (median of --repeat). Side by side, as
+baselines: the bare interpreter (`python -c pass`, the floor of any Python tool) and `make` on a Makefile of the same
+N targets, each depending on the same files. Runs interleave, so a noisy moment hits all three alike.
+Also times hashing a cold 1 GiB file with the stat cache empty against reading it (median of 3, page cache dropped
+where allowed).
+
+Byte-code caching is left on for the timed runs (PYTHONDONTWRITEBYTECODE is removed from their environment): a
+pip-installed package has its .pyc files, and a sandbox that sets the variable would otherwise compile every module
+of aitune_build from source on every run.
 """
 
 from __future__ import annotations
@@ -32,10 +39,21 @@ def project(root: Path, n: int) -> Path:
     return root
 
 
-def timed(cmd: list[str]) -> float:
+ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def timed(cmd: list[str], cwd: Path | None = None) -> float:
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=ENV, cwd=cwd)
     return time.perf_counter() - t0
+
+
+def makefile(root: Path, n: int) -> list[str]:
+    """The same graph for make: N outputs, each depending on the model source and the manifest."""
+    outs = " ".join(f"out/t{i}" for i in range(n))
+    rules = [f"all: {outs}\n"] + [f"out/t{i}: models/lin.py aitune.toml\n\t@mkdir -p out && touch $@\n" for i in range(n)]
+    (root / "Makefile").write_text("\n".join(rules))
+    return ["make", "-s", "-C", str(root), "all"]
 
 
 def drop_cache(path: Path) -> None:
@@ -50,21 +68,30 @@ def drop_cache(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument("--no-hash", action="store_true", help="skip the 1 GiB hashing row")
     args = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
-    print("| targets | first build (s) | no-op build median (s) | per target (ms) |")
-    print("|---:|---:|---:|---:|")
+    print("| targets | first build (s) | no-op build median (s) | python -c pass (s) | make no-op (s) | no-op / python | (no-op − python) / targets (ms) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         root = project(Path(tempfile.mkdtemp()) / "p", n)
         cmd = [sys.executable, "-m", "aitune_build", "-C", str(root), "build", "-j", "2"]
         first = timed(cmd)
-        for f in root.rglob("*.py"):  # past the stat cache's racy window
+        for f in [*root.rglob("*.py"), root / "aitune.toml"]:  # past the stat cache's racy window
             st = f.stat()
             os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 10_000_000_000))
-        timed(cmd)
-        noop = statistics.median(timed(cmd) for _ in range(args.repeat))
-        print(f"| {n} | {first:.1f} | {noop:.3f} | {1000 * noop / n:.2f} |", flush=True)
+        make = makefile(root, n)
+        timed(cmd), timed(make)
+        ours, floor, makes = [], [], []
+        for _ in range(args.repeat):
+            ours.append(timed(cmd))
+            floor.append(timed([sys.executable, "-c", "pass"]))
+            makes.append(timed(make))
+        noop, py, mk = statistics.median(ours), statistics.median(floor), statistics.median(makes)
+        print(f"| {n} | {first:.1f} | {noop:.3f} | {py:.3f} | {mk:.3f} | {noop / py:.1f}× | {1000 * (noop - py) / n:.2f} |", flush=True)
+    if args.no_hash:
+        return
 
     from aitune_build.hashing import hash_file
 

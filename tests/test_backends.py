@@ -70,3 +70,23 @@ def test_fp16_check_tolerance_is_recorded_and_overridable(project: Path) -> None
 
     rec = json.loads((project / "build/adder_export/build.json").read_text())
     assert rec["check"]["rtol"] == 0.5 and rec["check"]["atol"] == 0.1
+
+
+def test_loaded_export_program_skips_torch_wrapper_and_checks_shapes(project: Path) -> None:
+    """Exported programs are called flat (ProgramCall), with the input specs' bounds checked instead of torch's guards."""
+    import torch
+
+    import aitune_build
+    from aitune_build.backends.exported import ProgramCall
+
+    assert run_cli(project, "build", "mlp_export")[0] == 0
+    m = aitune_build.load("mlp_export", manifest=str(project / "aitune.toml"))
+    assert isinstance(m.fn, ProgramCall) and m.fn.flat, "fell back to ExportedProgram.module()'s per-call wrapper"
+    program = torch.export.load(str(project / "build/mlp_export/model.pt2")).module()
+    for batch in (1, 5, 8):  # the batch axis runs 1..8
+        x = torch.randn(batch, 4)
+        torch.testing.assert_close(m(x), program(x=x))
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[9, 4\]; this artifact takes \[1\.\.8, 4\]"):
+        m(torch.randn(9, 4))
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 5\]"):
+        m(torch.randn(2, 5))

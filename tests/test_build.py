@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -166,12 +165,13 @@ def test_parallel_jobs(project: Path) -> None:
     assert data["code"] == 0 and data["summary"]["built"] == 3
 
 
-def test_noop_build_status_and_explain_never_import_torch(project: Path) -> None:
+def test_noop_build_status_and_explain_never_import_torch_or_pydantic(project: Path) -> None:
     build(project)
     probe = (
         "import sys\nfrom aitune_build.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\nprint('no torch')\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert 'pydantic' not in sys.modules, 'pydantic was imported for a manifest validated before'\nprint('no torch')\n"
     )
     for args in (["build"], ["status"], ["explain", "mlp_export"], ["build", "--dry-run"], ["graph"]):
         out = subprocess.run([sys.executable, "-c", probe, "-C", str(project), *args], capture_output=True, text=True)
@@ -182,9 +182,10 @@ def test_unavailable_backend_is_skipped_when_building_all_and_failed_when_named(
     text = (project / "aitune.toml").read_text() + '\n[backends.trt]\nkind = "torch_tensorrt_aot"\n[targets.mlp_trt]\nmodule = "mlp"\nbackend = "trt"\n'
     (project / "aitune.toml").write_text(text)
     from aitune_build.backends import backend_for
-    from aitune_build.manifest import TorchTensorRTAotConfig
+    from aitune_build.manifest import backend_config
+    from aitune_build.schema import normalise_backend
 
-    reason = backend_for("torch_tensorrt_aot")(TorchTensorRTAotConfig(kind="torch_tensorrt_aot")).unavailable()
+    reason = backend_for("torch_tensorrt_aot")(backend_config(normalise_backend({"kind": "torch_tensorrt_aot"}))).unavailable()
     if reason is None:
         pytest.skip("torch_tensorrt and a GPU are present: the backend can run here")
     all_ = build(project)

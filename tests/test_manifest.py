@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from aitune_build.manifest import manifest_schema
+from aitune_build.schema import manifest_schema
 
 from .conftest import MANIFEST, run_cli
 
@@ -95,3 +95,59 @@ def test_schema_command_matches_committed_copy() -> None:
     assert committed == manifest_schema()
     code, out, _ = run_cli(Path("."), "schema")
     assert json.loads(out) == committed
+
+
+def test_runtime_specs_have_the_schema_fields() -> None:
+    """manifest.py's frozen specs and schema.py's pydantic models describe one contract: same tables, same fields."""
+    from aitune_build import manifest, schema
+
+    pairs = [(schema.Project, manifest.ProjectSettings), (schema.Axis, manifest.Axis), (schema.InputSpec, manifest.InputSpec),
+             (schema.ModuleSpec, manifest.ModuleSpec), (schema.CheckSpec, manifest.CheckSpec),
+             (schema.TargetSpec, manifest.TargetSpec), (schema.Manifest, manifest.Manifest)]
+    pairs += [(schema.TypeAdapter(schema.BackendConfig).validate_python({"kind": k}).__class__, manifest.BACKEND_CONFIGS[k])
+              for k in manifest.BACKEND_KINDS if k not in ("torch_tensorrt_jit", "torch_tensorrt_aot")]
+    pairs += [(schema.TorchTensorRTJitConfig, manifest.TorchTensorRTJitConfig), (schema.TorchTensorRTAotConfig, manifest.TorchTensorRTAotConfig)]
+    assert set(manifest.BACKEND_CONFIGS) == set(manifest.BACKEND_KINDS)
+    for model, spec in pairs:
+        assert set(model.model_fields) == set(spec.fields), (model.__name__, spec.__name__)
+
+
+def test_unchanged_manifest_is_not_validated_again(project: Path) -> None:
+    """The stat cache remembers the validated manifest by digest: the second run never imports pydantic."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\nfrom aitune_build.project import Project\np = Project.open(sys.argv[1])\np.close()\n"
+             "print(sorted(p.manifest.model.targets), 'pydantic' in sys.modules)\n")
+    runs = [subprocess.run([sys.executable, "-c", probe, str(project / "aitune.toml")], capture_output=True, text=True)
+            for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr
+    assert runs[0].stdout.split("]")[1].strip() == "True"  # first sight: validated by pydantic
+    assert runs[1].stdout.split("]")[1].strip() == "False"  # same bytes: taken from the state file
+    assert runs[0].stdout.split("]")[0] == runs[1].stdout.split("]")[0]
+    # a damaged record is never served: the manifest is validated again
+    state = project / ".aitune/state-v2.json"
+    data = json.loads(state.read_text())
+    data["manifests"] = {k: {"project": {}} for k in data["manifests"]}
+    state.write_text(json.dumps(data))
+    again = subprocess.run([sys.executable, "-c", probe, str(project / "aitune.toml")], capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout == runs[0].stdout, again.stderr
+    # a changed manifest is validated again: a bad value is caught, not served from the memo
+    (project / "aitune.toml").write_text((project / "aitune.toml").read_text().replace('kind = "export"', 'kind = "export"\nstrikt = true'))
+    bad = subprocess.run([sys.executable, "-c", probe, str(project / "aitune.toml")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "backends.exp.strikt: unknown key 'strikt'" in bad.stderr
+
+
+def test_dist_version_agrees_with_importlib_metadata() -> None:
+    """toolchain reads versions from dist-info folder names (importlib.metadata is slow to import): same answers."""
+    import importlib.metadata as md
+
+    from aitune_build.toolchain import _installed, dist_version
+
+    dist_version.cache_clear()  # both read sys.path as it is now (imports such as setuptools' extend it)
+    _installed.cache_clear()
+    names = {d.metadata["Name"] for d in md.distributions()}
+    assert {"torch", "pydantic", "click"} <= names
+    for name in names:
+        assert dist_version(name) == (name, md.version(name)), name
+    assert dist_version("no-such-distribution-here") is None

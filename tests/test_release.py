@@ -188,3 +188,19 @@ def test_cache_readonly_builds_without_writing_the_cache(project: Path) -> None:
     assert (project / "build/adder_export/model.pt2").is_file()
     assert not (project / ".aitune/store-v1/objects").exists() or not any((project / ".aitune/store-v1/objects").rglob("entry.json"))
     assert not (project / "aitune.lock").exists()
+
+
+def test_locked_build_reports_artifact_bytes_that_differ_from_the_lock(built: Path) -> None:
+    """Same key, other bytes: for a deterministic backend (export) --locked fails; the lock is not rewritten."""
+    lock = built / "aitune.lock"
+    data = json.loads(lock.read_text())
+    data["targets"]["mlp_export"]["artifact"]["sha256"] = "0" * 64  # as if the locked build had given other bytes
+    lock.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    before = lock.read_bytes()
+    code, out, _ = run_cli(built, "build", "--locked", "mlp_export", "adder_export")
+    assert code == 1, out
+    assert "mlp_export: not reproducible: built" in out and "aitune.lock pins 0000000000000000" in out
+    assert "adder_export" not in out.split("in ")[-1]  # the matching target is not reported
+    code, out, doc = run_cli(built, "build", "--locked", "--json", "mlp_export")
+    assert code == 1 and doc["lock_artifacts"]["mlp_export"]["deterministic"] is True
+    assert lock.read_bytes() == before

@@ -9,7 +9,8 @@ import pytest
 
 from aitune_build.backends.tensorrt_common import check_compile_config, plan_precision
 from aitune_build.errors import UserError
-from aitune_build.manifest import TorchTensorRTAotConfig, TorchTensorRTJitConfig
+from aitune_build.manifest import backend_config
+from aitune_build.schema import normalise_backend
 from aitune_build.toolchain import gpu_info, has_module
 
 FIELDS = {"enabled_precisions", "workspace_size", "min_block_size", "optimization_level", "use_explicit_typing", "immutable_weights"}
@@ -46,22 +47,33 @@ def test_fp16_translation_per_version(version: str, rtx: bool, cast: str | None,
         assert "use_explicit_typing" not in plan.settings
 
 
+def test_aot_inductor_output_is_refused_where_it_crashed() -> None:
+    from aitune_build.backends.tensorrt_common import known_aoti_crash
+
+    assert known_aoti_crash("2.11.0", True) and not known_aoti_crash("2.11.0", False)
+    assert not known_aoti_crash("2.12.0", True)
+
+
 def test_fp32_needs_no_cast() -> None:
     plan = plan_precision("float32", {"enabled_precisions": ["float32"]}, "2.13.0", False)
     assert plan.cast is None and "enabled_precisions" not in plan.settings
 
 
+def config(**table):
+    return backend_config(normalise_backend(table))
+
+
 def test_precision_comes_from_enabled_precisions_or_autocast() -> None:
-    assert TorchTensorRTAotConfig(kind="torch_tensorrt_aot", compile_config={"enabled_precisions": ["float16"]}).precision == "float16"
-    assert TorchTensorRTAotConfig(kind="torch_tensorrt_aot").precision == "float32"
-    jit = TorchTensorRTJitConfig(kind="torch_tensorrt_jit", autocast_enabled=True, autocast_dtype="bfloat16")
-    assert jit.precision == "bfloat16"
+    assert config(kind="torch_tensorrt_aot", compile_config={"enabled_precisions": ["float16"]}).precision == "float16"
+    assert config(kind="torch_tensorrt_aot", compile_config={"enabled_precisions": ["torch.half"]}).precision == "float16"
+    assert config(kind="torch_tensorrt_aot").precision == "float32"
+    assert config(kind="torch_tensorrt_jit", autocast_enabled=True, autocast_dtype="bfloat16").precision == "bfloat16"
 
 
 def test_gpu_key_has_trt_versions_and_gpu(tmp_path: Path) -> None:
     from aitune_build.backends import backend_for
 
-    chain = backend_for("torch_tensorrt_aot")(TorchTensorRTAotConfig(kind="torch_tensorrt_aot")).toolchain()
+    chain = backend_for("torch_tensorrt_aot")(config(kind="torch_tensorrt_aot")).toolchain()
     assert {"torch", "torch_tensorrt", "tensorrt", "gpu"} <= set(chain)
 
 
@@ -97,6 +109,18 @@ kind = "torch_tensorrt_aot"
 [backends.aot32.compile_config]
 min_block_size = 1
 
+[backends.aot_ts]
+kind = "torch_tensorrt_aot"
+output_format = "torchscript"
+[backends.aot_ts.compile_config]
+min_block_size = 1
+
+[backends.aot_aoti]
+kind = "torch_tensorrt_aot"
+output_format = "aot_inductor"
+[backends.aot_aoti.compile_config]
+min_block_size = 1
+
 [backends.jit16]
 kind = "torch_tensorrt_jit"
 dynamic_shapes = false
@@ -123,6 +147,14 @@ backend = "aot32"
 [targets.cnn_aot_from_export]
 from = "cnn_export"
 backend = "aot32"
+
+[targets.cnn_aot_ts]
+module = "cnn"
+backend = "aot_ts"
+
+[targets.cnn_aot_aoti]
+module = "cnn"
+backend = "aot_aoti"
 
 [targets.cnn_jit16]
 module = "cnn"
@@ -201,3 +233,29 @@ def test_gpu_fullgraph_with_graph_break_fails_clearly(gpu_project: Path) -> None
     res = data["targets"][0]
     assert code == 1 and res["status"] == "failed"
     assert "graph break" in res["reason"].lower() or "unsupported" in res["reason"].lower(), res["reason"]
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("target, artifact", [("cnn_aot_ts", "model.ts"), ("cnn_aot_aoti", "model.pt2")])
+def test_gpu_aot_other_output_formats(gpu_project: Path, target: str, artifact: str) -> None:
+    """output_format = "torchscript" | "aot_inductor": built, checked at min/opt/max after reloading, loaded."""
+    import torch
+
+    import aitune_build
+
+    from .conftest import run_cli
+
+    code, out, data = run_cli(gpu_project, "build", "--json", target)
+    from aitune_build.backends.tensorrt_common import installed, known_aoti_crash
+
+    if target == "cnn_aot_aoti" and known_aoti_crash(*installed()[:2]):
+        assert code == 2 and "'aot_inductor' crashes torch-tensorrt-rtx" in data["targets"][0]["reason"], data
+        return
+    log = gpu_project / f"build/{target}/build.log"
+    assert code == 0, json.dumps(data, indent=1) + (log.read_text()[-4000:] if log.exists() else "")
+    rec = json.loads((gpu_project / f"build/{target}/build.json").read_text())
+    assert rec["artifact"] == artifact and set(rec["check"]["variants"]) == {"min", "opt", "max"}
+    m = aitune_build.load(target, manifest=str(gpu_project / "aitune.toml"))
+    for batch in (1, 7, 16):
+        assert m(torch.randn(batch, 3, 32, 32, device="cuda")).shape == (batch, 10)

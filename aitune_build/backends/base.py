@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..manifest import InputSpec
+from ..manifest import InputSpec, to_json
 from ..toolchain import dist_version, gpu_info, has_module
 
 
@@ -16,7 +16,7 @@ from ..toolchain import dist_version, gpu_info, has_module
 class BuildContext:
     """What a backend gets to build or load one target. Built in the worker process (torch is imported there)."""
 
-    config: Any  # the validated backend config (frozen pydantic model)
+    config: Any  # the validated backend config (a frozen manifest.BackendConfig dataclass)
     inputs: list[InputSpec]
     root: Path  # the manifest's folder
     artifact_dir: Path  # build: where to write the artifact files; load: where they are
@@ -81,7 +81,7 @@ class Backend:
 
     def write_record(self, ctx: BuildContext) -> None:
         """The artifact of a backend that keeps no compiled file: what to recompile from."""
-        record = {"kind": self.kind, "config": self.config.model_dump(mode="json")}
+        record = {"kind": self.kind, "config": to_json(self.config)}
         (ctx.artifact_dir / self.artifact).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def load(self, ctx: BuildContext) -> Callable[..., Any]:

@@ -32,4 +32,6 @@ class ExportBackend(Backend):
     def load(self, ctx: BuildContext):
         import torch
 
-        return torch.export.load(str(ctx.artifact_dir / self.artifact)).module()
+        from .exported import ProgramCall
+
+        return ProgramCall(torch.export.load(str(ctx.artifact_dir / self.artifact)), ctx.inputs)

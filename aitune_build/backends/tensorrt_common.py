@@ -83,6 +83,12 @@ def plan_precision(requested: str, compile_config: dict[str, Any], version: str,
     return PrecisionPlan(requested, settings, f"{requested} by casting module and inputs (explicit typing, {flavour}, torch_tensorrt {version})")
 
 
+def known_aoti_crash(version: str, is_rtx: bool) -> bool:
+    """torch_tensorrt.save(output_format="aot_inductor") killed the process (SIGSEGV, no traceback) with
+    torch-tensorrt-rtx 2.11.0 / TensorRT-RTX 1.4 on an H200. Not seen with other versions (none were tried)."""
+    return is_rtx and parse_version(version)[:2] == (2, 11)
+
+
 def to_torch_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Dtype names in enabled_precisions become torch dtypes."""
     import torch

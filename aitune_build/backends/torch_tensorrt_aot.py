@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import UserError
 from . import tensorrt_common as trt
 from .base import Backend, BuildContext
 
@@ -29,6 +30,10 @@ class TorchTensorRTAotBackend(Backend):
         from ..inputs import export_dynamic_shapes
 
         settings, plan, version = trt.prepare(ctx, self.config)
+        if self.config.output_format == "aot_inductor" and trt.known_aoti_crash(version, trt.installed()[1]):
+            raise UserError(f"backends.{ctx.extra.get('backend_name', self.kind)}.output_format: 'aot_inductor' crashes "
+                            f"torch-tensorrt-rtx {version} (SIGSEGV in torch_tensorrt.save, seen on an H200); "
+                            "use output_format = \"exported_program\" (the default) or \"torchscript\"")
         module = ctx.source_module()
         if plan.cast:
             module = module.to(getattr(torch, plan.cast))
@@ -37,8 +42,12 @@ class TorchTensorRTAotBackend(Backend):
         ep = torch.export.export(module, args=(), kwargs=example, dynamic_shapes=dynamic, strict=False)
         compiled = torch_tensorrt.dynamo.compile(ep, arg_inputs=[], kwarg_inputs=trt.trt_inputs(ctx.inputs, plan.cast), **settings)
         # Saved with the dynamic specs: saving with example tensors alone would specialise to their shapes.
+        # torchscript (torch.jit.trace) and aot_inductor take the inputs positionally, in the manifest's order, which
+        # is the compiled graph's placeholder order (it was exported with the inputs as keywords in that order).
+        inputs = {"arg_inputs": [], "kwarg_inputs": example} if self.config.output_format == "exported_program" \
+            else {"arg_inputs": list(example.values())}
         torch_tensorrt.save(compiled, str(ctx.artifact_dir / self.artifact), output_format=self.config.output_format,
-                            arg_inputs=[], kwarg_inputs=example, dynamic_shapes=dynamic, retrace=True)
+                            dynamic_shapes=dynamic, retrace=True, **inputs)
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version}
 
     def load(self, ctx: BuildContext):
@@ -50,13 +59,25 @@ class TorchTensorRTAotBackend(Backend):
         if self.config.output_format == "torchscript":
             import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops)
 
-            fn = torch.jit.load(path)
+            fn = _Positional(torch.jit.load(path), [s.name for s in ctx.inputs])
         elif self.config.output_format == "aot_inductor":
             import torch_tensorrt  # noqa: F401
 
-            fn = torch._inductor.aoti_load_package(path)
+            fn = _Positional(torch._inductor.aoti_load_package(path), [s.name for s in ctx.inputs])
         else:
             import torch_tensorrt
 
-            fn = torch_tensorrt.load(path).module()
+            from .exported import ProgramCall
+
+            fn = ProgramCall(torch_tensorrt.load(path), ctx.inputs)
         return trt.CastingCall(fn, cast)
+
+
+class _Positional:
+    """Calls a traced or packaged artifact, which takes its inputs positionally, with inputs given by name."""
+
+    def __init__(self, fn: Any, names: list[str]):
+        self.fn, self.names = fn, names
+
+    def __call__(self, **inputs: Any) -> Any:
+        return self.fn(*[inputs[n] for n in self.names])

@@ -1,0 +1,289 @@
+"""The `aitune.toml` contract as pydantic models (one per TOML table, each default declared once, in the field).
+
+Imported only to validate a manifest that changed since its last validation (see project.Project.open) and to
+print the JSON Schema: pydantic's model construction costs more than a whole no-op build.
+`normalise()` returns the validated manifest as plain JSON with every default filled in; manifest.py turns that
+into the frozen dataclasses the rest of the program uses.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+from .errors import ManifestError, did_you_mean
+from .manifest import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["float32", "float16", "bfloat16"]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Project(_Table):
+    name: str = Field(description="Project name.")
+    out_dir: str = Field("build", description="Materialised outputs: <out_dir>/<target>/.")
+    cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Content-addressed cache; env AITUNE_CACHE_DIR overrides.")
+
+
+class Axis(_Table):
+    """A dynamic axis. Axes sharing a `dim` name are one dimension across inputs."""
+
+    min: int = Field(ge=0)
+    opt: int = Field(ge=0)
+    max: int = Field(ge=1)
+    dim: str | None = Field(None, description="Shared dimension name (one torch.export.Dim).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Axis:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"need min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}")
+        return self
+
+
+class InputSpec(_Table):
+    name: str = Field(description="Parameter name of forward().")
+    shape: list[Annotated[int, Field(ge=0)] | Axis]
+    dtype: str = Field("float32", description="torch dtype name, e.g. float32, int64, bool.")
+    range: tuple[float, float] | None = Field(None, description="[low, high) for generated example values.")
+    sample: str | None = Field(None, description="Recorded example tensor file (torch.save), hashed into the key.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in DTYPES:
+            raise ValueError(f"unknown dtype '{v}'{did_you_mean(v, DTYPES)}; one of: {', '.join(sorted(set(DTYPES.values())))}")
+        return DTYPES[v]
+
+    @field_validator("range")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"need low < high, got {list(v)}")
+        return v
+
+
+class ModuleSpec(_Table):
+    factory: str = Field(description='"module.path:callable", importable from the manifest\'s folder.')
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
+    weights: str | None = Field(None, description="state_dict file, loaded with weights_only=True.")
+    sources: list[str] = Field(default_factory=list, description="Extra file globs that belong to the key.")
+    inputs: list[InputSpec] = Field(min_length=1)
+
+    @field_validator("factory")
+    @classmethod
+    def _factory(cls, v: str) -> str:
+        if not FACTORY_RE.match(v):
+            raise ValueError(f"'{v}' is not of the form 'package.module:callable'")
+        return v
+
+
+class _Backend(_Table):
+    pass
+
+
+class ExportConfig(_Backend):
+    """torch.export -> .pt2 (an ExportedProgram)."""
+
+    kind: Literal["export"]
+    device: Device = "cpu"
+    strict: bool = Field(False, description="torch.export strict mode.")
+
+
+class InductorAotConfig(_Backend):
+    """AOTInductor package -> .pt2."""
+
+    kind: Literal["inductor_aot"]
+    device: Device = "cpu"
+    inductor_configs: dict[str, Any] = Field(default_factory=dict, description="torch._inductor config overrides.")
+
+
+class InductorJitConfig(_Backend):
+    """torch.compile (Inductor): build = compile + warm-up + check; load recompiles."""
+
+    kind: Literal["inductor_jit"]
+    device: Device = "cpu"
+    mode: str | None = None
+    fullgraph: bool = False
+    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EagerConfig(_Backend):
+    """The reference: the module as the factory returns it."""
+
+    kind: Literal["eager"]
+    device: Device = "cpu"
+
+
+class _TorchTensorRT(_Backend):
+    device: Literal["cuda"] = "cuda"
+    compile_config: dict[str, Any] = Field(
+        default_factory=dict, description="torch_tensorrt CompilationSettings fields, checked against the installed version."
+    )
+    autocast_enabled: bool = False
+    autocast_dtype: Precision | None = None
+
+
+class TorchTensorRTJitConfig(_TorchTensorRT):
+    """torch.compile(backend="torch_tensorrt"): compiled at run time; the build keeps a record and the engine cache."""
+
+    kind: Literal["torch_tensorrt_jit"]
+    fullgraph: bool = Field(False, description="true: fail on graph breaks.")
+    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
+    engine_cache: bool = Field(True, description="Store torch_tensorrt's engine cache with the target (needs immutable_weights=false).")
+
+
+class TorchTensorRTAotConfig(_TorchTensorRT):
+    """torch_tensorrt dynamo compile during the build, saved to disk, loaded without recompiling."""
+
+    kind: Literal["torch_tensorrt_aot"]
+    output_format: Literal["exported_program", "torchscript", "aot_inductor"] = "exported_program"
+
+
+BackendConfig = Annotated[
+    Union[ExportConfig, InductorAotConfig, InductorJitConfig, EagerConfig, TorchTensorRTJitConfig, TorchTensorRTAotConfig],
+    Field(discriminator="kind"),
+]
+
+
+class CheckSpec(_Table):
+    """Numeric check of the reloaded artifact against eager; tolerances default by precision."""
+
+    rtol: float | None = Field(None, ge=0)
+    atol: float | None = Field(None, ge=0)
+    seed: int = 0
+
+
+class TargetSpec(_Table):
+    module: str | None = Field(None, description="A [modules] entry built from its factory.")
+    from_: str | None = Field(None, alias="from", description="An upstream target whose artifact is the input.")
+    backend: str
+    check: CheckSpec = Field(default_factory=CheckSpec)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TargetSpec:
+        if (self.module is None) == (self.from_ is None):
+            raise ValueError("set exactly one of 'module' or 'from'")
+        return self
+
+
+class Manifest(_Table):
+    """An aitune.toml file."""
+
+    project: Project
+    modules: dict[str, ModuleSpec] = Field(default_factory=dict)
+    backends: dict[str, BackendConfig] = Field(default_factory=dict)
+    targets: dict[str, TargetSpec] = Field(default_factory=dict)
+
+
+# --- turning pydantic's errors into one line naming the key ---------------------------------------------------
+
+
+def _from_validation_error(exc: ValidationError, display: str) -> ManifestError:
+    errors = exc.errors()
+    # A shape entry is an int or an Axis table: report the member the user evidently meant.
+    err = next((e for e in errors if not (e["type"].startswith("int_") and isinstance(e["input"], dict))), errors[0])
+    if any(p in ("Axis", "constrained-int", "int") for p in err["loc"]) and not isinstance(err["input"], (dict, int)):
+        shown, _ = _walk(list(err["loc"]))
+        return ManifestError(display, _format_loc(shown), f"expected an integer or a table {{min, opt, max[, dim]}}, got {err['input']!r}")
+    loc, kind, msg = list(err["loc"]), err["type"], err["msg"]
+    shown, fields = _walk(loc)
+    key = _format_loc(shown)
+    if kind == "extra_forbidden":
+        bad = str(loc[-1])
+        return ManifestError(display, key, f"unknown key '{bad}'{did_you_mean(bad, fields)}; allowed: {', '.join(fields)}")
+    if kind == "missing":
+        return ManifestError(display, key, "required key is missing")
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "?")
+        return ManifestError(display, key + ".kind", f"unknown backend kind '{tag}'{did_you_mean(tag, BACKEND_KINDS)}; one of: {', '.join(BACKEND_KINDS)}")
+    if kind == "union_tag_not_found":
+        return ManifestError(display, key + ".kind", f"required key is missing; one of: {', '.join(BACKEND_KINDS)}")
+    return ManifestError(display, key, msg.removeprefix("Value error, "))
+
+
+def _walk(loc: list) -> tuple[list, list[str]]:
+    """Follow pydantic's loc through the models, dropping the parts that name a union member.
+
+    Returns the path as the user wrote it and the keys allowed in the last table visited."""
+    ann: Any = Manifest
+    shown: list = []
+    fields: list[str] = []
+    for part in loc:
+        ann = _strip(ann)
+        origin = typing.get_origin(ann)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            by_key = {f.alias or n: f for n, f in ann.model_fields.items()}
+            fields = list(by_key)
+            shown.append(part)
+            ann = by_key[part].annotation if part in by_key else None
+        elif origin is dict:
+            shown.append(part)
+            ann = typing.get_args(ann)[1]
+        elif origin in (list, tuple):
+            shown.append(part)
+            ann = typing.get_args(ann)[0]
+        elif origin in (Union, types.UnionType) and isinstance(part, str):
+            members = [_strip(a) for a in typing.get_args(ann)]
+            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            ann = next((m for m in models if part in (m.__name__, _kind_of(m))), None)
+        else:
+            shown.append(part)
+            ann = None
+    return shown, fields
+
+
+def _kind_of(model: type[BaseModel]) -> str | None:
+    f = model.model_fields.get("kind")
+    return typing.get_args(f.annotation)[0] if f is not None else None
+
+
+def _strip(ann: Any) -> Any:
+    while typing.get_origin(ann) is Annotated:
+        ann = typing.get_args(ann)[0]
+    if typing.get_origin(ann) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return _strip(args[0])
+    return ann
+
+
+def _format_loc(loc: list) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + (str(part) if NAME_RE.match(str(part)) and "." not in str(part) else f'"{part}"')
+    return out
+
+
+
+
+def normalise(data: dict, display: str) -> dict[str, Any]:
+    """The validated manifest as JSON, defaults filled in; a ManifestError naming file and key otherwise."""
+    try:
+        return Manifest.model_validate(data).model_dump(mode="json")
+    except ValidationError as e:
+        raise _from_validation_error(e, display) from None
+
+
+def normalise_backend(data: dict) -> dict[str, Any]:
+    """One [backends.X] table, validated, defaults filled in (for tests and tools that make a config by hand)."""
+    try:
+        return TypeAdapter(BackendConfig).validate_python(data).model_dump(mode="json")
+    except ValidationError as e:
+        raise ManifestError("backend", "", str(e)) from None
+
+
+def manifest_schema() -> dict:
+    schema = Manifest.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "aitune.toml"
+    return schema

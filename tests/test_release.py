@@ -83,6 +83,17 @@ def test_locked_fails_on_toolchain_change(built: Path, monkeypatch: pytest.Monke
     assert code == 1 and "toolchain.torch:" in out and "torch 9.9.9" in out
 
 
+def test_export_artifact_does_not_depend_on_the_checkout_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two checkouts in different folders, each with its own cache, build the same export bytes (the lock holds)."""
+    shas = []
+    for name in ("a", "elsewhere/deeper/b"):
+        monkeypatch.setenv("AITUNE_CACHE_DIR", str(tmp_path / f"cache-{name.replace('/', '_')}"))
+        root = make_project(tmp_path / name)
+        assert _build(root, "mlp_export")[0] == 0
+        shas.append(json.loads((root / "aitune.lock").read_text())["targets"]["mlp_export"]["artifact"]["sha256"])
+    assert shas[0] == shas[1]
+
+
 def test_package_twice_from_two_checkouts_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "shared-cache"
     monkeypatch.setenv("AITUNE_CACHE_DIR", str(cache))

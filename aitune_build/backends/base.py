@@ -49,6 +49,8 @@ class Backend:
     libraries: ClassVar[tuple[tuple[str, ...], ...]] = ()
     # Whether two clean builds of the same inputs give identical artifact bytes (see docs/reproducibility.md).
     deterministic: ClassVar[bool] = False
+    # Bumped when this backend's output changes for the same inputs, so that keys (and cache entries) change too.
+    revision: ClassVar[int] = 1
 
     def __init__(self, config: Any):
         self.config = config
@@ -59,7 +61,7 @@ class Backend:
 
     def toolchain(self) -> dict[str, Any]:
         """Library versions (and GPU) that go into this backend's keys. No torch import."""
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = {"backend_revision": self.revision}
         for names in (("torch",),) + self.libraries:
             hit = dist_version(*names)
             found[names[0]] = f"{hit[0]} {hit[1]}" if hit else None

@@ -21,11 +21,16 @@ class ExportBackend(Backend):
     kind = "export"
     artifact = "model.pt2"
     deterministic = True
+    revision = 2  # 2: stack traces (absolute source paths) left out of the saved program
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch
 
         ep = export_program(ctx.make_module(), ctx, strict=self.config.strict)
+        # Each node's stack trace names source files by absolute path, so the bytes would depend on where the
+        # checkout lies: a release built in another folder would differ. They are debug information only.
+        for node in ep.graph.nodes:
+            node.meta.pop("stack_trace", None)
         torch.export.save(ep, str(ctx.artifact_dir / self.artifact))
         return {"graph_nodes": len(ep.graph.nodes)}
 

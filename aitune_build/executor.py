@@ -97,13 +97,12 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 # Keys are computed here, in order; an up-to-date target is done without a thread hand-off, so a
                 # no-op build costs a key and a few stats per target.
                 try:
-                    job = _prepare(project, name, results)
+                    job = _prepare(project, name, results, options.force)
                 except UserError as e:
                     finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
                     continue
-                current = None if options.force or options.check_reproducible else current_record(project.target_dir(name), job.key, project.state)
-                if current is not None:
-                    finish(TargetResult(name, CACHED, job.key, reason="up to date", record=current), t0)
+                if job.current is not None and not options.check_reproducible:
+                    finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current), t0)
                     continue
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
@@ -134,9 +133,10 @@ class _Job:
     comps: dict[str, Any]
     key: str
     upstream_file: Path | None
+    current: dict[str, Any] | None  # the output folder's build.json when it holds an intact build of key
 
 
-def _prepare(project: Project, name: str, results: dict[str, TargetResult]) -> _Job:
+def _prepare(project: Project, name: str, results: dict[str, TargetResult], force: bool) -> _Job:
     man = project.manifest.model
     spec = man.targets[name]
     config = man.backends[spec.backend]
@@ -146,19 +146,19 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult]) -> _
         upstream_file = project.target_dir(spec.from_) / up_rec["artifact"]
         upstream_digest = up_rec["files"][up_rec["artifact"]]["xxh3"]
     comps = project.fingerprinter.components(name, upstream_digest)
-    return _Job(name, backend_for(config.kind)(config), comps, key_of(comps), upstream_file)
+    key = key_of(comps)
+    current = None if force else current_record(project.target_dir(name), key, project.state)
+    return _Job(name, backend_for(config.kind)(config), comps, key, upstream_file, current)
 
 
 def _build_one(project: Project, job: _Job, options: BuildOptions, gpu_slot: threading.Semaphore,
                listen: Listener) -> TargetResult:
     name, backend, comps, key, upstream_file = job.name, job.backend, job.comps, job.key, job.upstream_file
-    folder = project.target_dir(name)
     store = project.store
 
     if not options.force:
-        current = current_record(folder, key, project.state)
-        if current is not None:
-            res = TargetResult(name, CACHED, key, reason="up to date", record=current)
+        if job.current is not None:  # only with --check-reproducible: otherwise settled by the scheduler
+            res = TargetResult(name, CACHED, key, reason="up to date", record=job.current)
             return _maybe_check_reproducible(project, res, backend, options, gpu_slot, listen, upstream_file, comps)
         hit = _from_store(project, name, key)
         if hit is not None:

@@ -133,7 +133,7 @@ class ModuleSpec(Spec):
 
 
 class BackendConfig(Protocol):
-    """What every [backends.X] table has; each kind's dataclass adds its own fields (see schema.py)."""
+    """What every [backends.X] table has; each kind's Spec class adds its own fields (see schema.py)."""
 
     kind: str
     device: str
@@ -288,8 +288,7 @@ def validation_digest(raw: bytes) -> str:
 
 def checked(path: Path, model: Manifest) -> LoadedManifest:
     """A validated manifest, its references, names, cycles and files checked (these run on every load)."""
-    path = Path(path).resolve()
-    loaded = LoadedManifest(path=path, display=_display(path), root=path.parent, model=model)
+    loaded = _loaded(path, model)
     _check_references(loaded)
     return loaded
 
@@ -303,8 +302,12 @@ def load_manifest(path: str | Path) -> LoadedManifest:
 def loaded_from_json(path: Path, data: dict[str, Any]) -> LoadedManifest:
     """A manifest validated and checked in another process (the build hands it to each worker as JSON, so a worker
     builds exactly what was hashed even if aitune.toml is edited meanwhile)."""
-    path = Path(path)
-    return LoadedManifest(path=path, display=_display(path), root=path.parent, model=Manifest.from_json(data))
+    return _loaded(path, Manifest.from_json(data))
+
+
+def _loaded(path: Path, model: Manifest) -> LoadedManifest:
+    path = Path(path).resolve()
+    return LoadedManifest(path=path, display=_display(path), root=path.parent, model=model)
 
 
 def _display(path: Path) -> str:

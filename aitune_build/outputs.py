@@ -30,22 +30,23 @@ def read_record(folder: Path) -> dict[str, Any] | None:
 
 
 def current_record(folder: Path, key: str, state: StateCache) -> dict[str, Any] | None:
-    """folder's build.json when the folder holds an intact build of key (a stat per file when nothing changed)."""
+    """folder's build.json when the folder holds an intact build of key."""
     rec = read_record(folder)
+    return rec if holds(folder, rec, key, state) else None
+
+
+def holds(folder: Path, rec: dict[str, Any] | None, key: str, state: StateCache) -> bool:
+    """Whether folder, whose build.json is rec, holds an intact build of key (a stat per file when nothing changed)."""
     if rec is None or rec.get("key") != key:
-        return None
+        return False
     for name, want in rec.get("files", {}).items():
         f = folder / name
         try:
             if f.stat().st_size != want["size"] or state.digest(f) != want["xxh3"]:
-                return None
+                return False
         except OSError:
-            return None
-    return rec
-
-
-def is_current(folder: Path, key: str, state: StateCache) -> bool:
-    return current_record(folder, key, state) is not None
+            return False
+    return True
 
 
 def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ class Project:
     def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
              toolchain_override: dict[str, Any] | None = None) -> Project:
         path = Path(manifest_path)
+        root = path.resolve().parent
         raw = read_bytes(path)
         digest = validation_digest(raw)
         env = os.environ.get("AITUNE_CACHE_DIR")
@@ -39,16 +40,16 @@ class Project:
 
         # The state file, which remembers validated manifests, lives in the cache dir that the manifest names. Look
         # in the usual place first; a hit there tells where the manifest puts it (the digest covers project.cache_dir).
-        cache_dir = Path(env).resolve() if env else path.resolve().parent / DEFAULT_CACHE_DIR
+        cache_dir = Path(env).resolve() if env else root / DEFAULT_CACHE_DIR
         state = state_in(cache_dir)
         model = _remembered(state, digest)
-        if model is not None and not env and path.resolve().parent / model.project.cache_dir != cache_dir:
+        if model is not None and not env and root / model.project.cache_dir != cache_dir:
             model = None  # remembered here while AITUNE_CACHE_DIR pointed here: look where the manifest says
         if model is None:
             data = parse(raw, path)
             declared = data.get("project", {}).get("cache_dir") if isinstance(data.get("project"), dict) else None
-            if not env and isinstance(declared, str) and path.resolve().parent / declared != cache_dir:
-                cache_dir = path.resolve().parent / declared
+            if not env and isinstance(declared, str) and root / declared != cache_dir:
+                cache_dir = root / declared
                 state = state_in(cache_dir)
                 model = _remembered(state, digest)
             if model is None:
@@ -105,7 +106,7 @@ class Survey:
 def survey(project: Project, order: list[str]) -> dict[str, Survey]:
     """Key, previous build and staleness of each target in order (upstreams first). Reads files; builds nothing."""
     from .keys import key_of
-    from .outputs import is_current, read_record
+    from .outputs import holds, read_record
     from .plan import assess
 
     man = project.manifest.model
@@ -128,6 +129,6 @@ def survey(project: Project, order: list[str]) -> dict[str, Survey]:
             continue
         comps = project.fingerprinter.components(name, upstream_digest)
         key = key_of(comps)
-        current = is_current(folder, key, project.state)
+        current = holds(folder, previous, key, project.state)
         found[name] = Survey(name, key, comps, previous, assess(key, comps, previous, current))
     return found

@@ -42,13 +42,13 @@ def archive_members(project: Project, targets: list[str]) -> dict[str, bytes]:
     """{archive path: bytes} for the named targets (default all) and their upstreams; each must be built and intact."""
     import json
 
-    from .outputs import is_current
+    from .outputs import holds
 
     man = project.manifest.model
 
     def current(name: str) -> dict[str, Any] | None:
         rec = read_record(project.target_dir(name))
-        return rec if rec is not None and is_current(project.target_dir(name), rec["key"], project.state) else None
+        return rec if rec is not None and holds(project.target_dir(name), rec, rec["key"], project.state) else None
 
     # Named targets (and their upstreams) must be built; by default, every target that is.
     names = select(man, targets) if targets else [n for n in select(man, []) if current(n) is not None]

@@ -16,7 +16,7 @@ from ..toolchain import dist_version, gpu_info, has_module
 class BuildContext:
     """What a backend gets to build or load one target. Built in the worker process (torch is imported there)."""
 
-    config: Any  # the validated backend config (a frozen manifest.BackendConfig dataclass)
+    config: Any  # the validated backend config (a frozen manifest.BackendConfig)
     inputs: list[InputSpec]
     root: Path  # the manifest's folder
     artifact_dir: Path  # build: where to write the artifact files; load: where they are

@@ -6,6 +6,8 @@ torch_tensorrt itself is imported only inside functions that run on a GPU machin
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,7 @@ def to_torch_settings(settings: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@functools.cache
 def installed() -> tuple[str, bool, set[str]]:
     """(torch_tensorrt version, TensorRT-RTX?, CompilationSettings field names). Imports torch_tensorrt."""
     import dataclasses

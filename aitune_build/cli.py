@@ -50,10 +50,10 @@ class _Ctx:
                 raise UserError(f"-C {self.directory}: {e.strerror}") from None
         return Path(self.manifest or "aitune.toml")
 
-    def open(self, readonly_cache: bool = False) -> Any:
+    def open(self, readonly_cache: bool = False, gpus: str | None = None, gpu_model: str | None = None) -> Any:
         from .project import Project
 
-        return Project.open(self.manifest_path(), readonly_cache=readonly_cache)
+        return Project.open(self.manifest_path(), readonly_cache=readonly_cache, gpus=gpus, gpu_model=gpu_model)
 
 
 def _run(fn: Any) -> None:
@@ -89,9 +89,14 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @click.option("--cache-readonly", is_flag=True, help="Read the cache, never write it (untrusted builds).")
 @click.option("--check-reproducible", is_flag=True, help="Rebuild cached targets of deterministic backends and compare bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@click.option("--gpus", metavar="LIST", help="GPUs to build on, as CUDA_VISIBLE_DEVICES takes them (0,1 or GPU-<uuid>); default: every visible GPU.")
+@click.option("--gpu-model", metavar="MODEL", help="Build GPU targets on GPUs of this model only (e.g. H100); overrides [project] gpu_model.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where to compile (default: [project] executor, else local).")
+@click.option("--ray-address", metavar="ADDR", help="Ray cluster to use with --executor ray (default: $RAY_ADDRESS).")
 @click.pass_obj
 def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
-              locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool) -> None:
+              locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool, gpus: str | None,
+              gpu_model: str | None, executor: str | None, ray_address: str | None) -> None:
     """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
 
     def go() -> int:
@@ -100,8 +105,13 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         from .plan import select
         from .project import survey
 
-        project = obj.open(readonly_cache=cache_readonly)
+        project = obj.open(readonly_cache=cache_readonly, gpus=gpus, gpu_model=gpu_model)
         order = select(project.manifest.model, targets)
+        runner = None
+        if (executor or project.manifest.model.project.executor) == "ray":
+            from .ray_executor import RayRunner
+
+            runner = RayRunner.connect(project, ray_address, jobs)  # before any key: GPU keys name the cluster's GPU
         if locked:
             problems = lockfile.check_locked(project, order)
             if problems:
@@ -111,7 +121,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             return _dry_run(survey(project, order), as_json)
         reporter = _Reporter(len(order), quiet=as_json)
         results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
-                                                     check_reproducible=check_reproducible), reporter)
+                                                     check_reproducible=check_reproducible), reporter, runner)
         reporter.close()
         if not cache_readonly and not locked:
             lockfile.update(project, results)
@@ -171,6 +181,18 @@ def _dry_run(found: dict[str, Any], as_json: bool) -> int:
     return EXIT_OK
 
 
+def _where(result: Any) -> str:
+    """' on GPU 1 (NVIDIA H100 80GB HBM3)', ' on node 3f2a…', or '' (a CPU target built here, or not built)."""
+    if result is None:
+        return ""
+    parts = []
+    if getattr(result, "gpu", None):
+        parts.append(f"GPU {result.gpu['index']} ({result.gpu['name']})")
+    if getattr(result, "node", None):
+        parts.append(f"node {result.node[:12]}")
+    return " on " + ", ".join(parts) if parts else ""
+
+
 class _Reporter:
     """Progress: a live line on a terminal (rich), plain lines in CI and pipes; nothing with --json."""
 
@@ -192,16 +214,16 @@ class _Reporter:
         if self.quiet:
             return
         if event == "start":
-            self.running.append(name)
+            where = _where(result)
+            self.running.append(name + where)
             if self.tty:
                 self._live()
             else:
-                click.echo(f"building {name} ...")
+                click.echo(f"building {name}{where} ...")
             return
         self.done += 1
-        if name in self.running:
-            self.running.remove(name)
-        line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}"
+        self.running = [r for r in self.running if r != name and not r.startswith(name + " on ")]
+        line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}{_where(result)}"
         if self._console is not None:
             self._console.print(line, markup=False, highlight=False)
             self._live()

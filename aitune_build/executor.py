@@ -22,12 +22,14 @@ from .project import Project
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
+    from .gpus import GpuPool
+
 BUILT, CACHED, FAILED, SKIPPED = "built", "cached", "failed", "skipped"
 
 
 @dataclass
 class BuildOptions:
-    jobs: int = 1
+    jobs: int = 1  # CPU targets at a time; GPU targets run one per usable GPU (gpus.py)
     keep_going: bool = False
     force: bool = False
     named: tuple[str, ...] = ()  # targets named on the command line: unavailable backends fail instead of skip
@@ -43,19 +45,83 @@ class TargetResult:
     reason: str = ""
     error: str | None = None  # "user" | "check" | "backend" | "crash" | "unavailable" | "upstream"
     record: dict[str, Any] = field(default_factory=dict)
+    gpu: dict[str, str] | None = None  # the GPU it was built on in this run (gpus.Gpu.as_json)
+    node: str | None = None  # the Ray node it was built on (--executor ray)
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "key": self.key, "seconds": round(self.seconds, 3), "reason": self.reason}
+        doc = {"name": self.name, "status": self.status, "key": self.key, "seconds": round(self.seconds, 3), "reason": self.reason,
+               "gpu": self.gpu}
+        if self.node is not None:
+            doc["node"] = self.node
+        return doc
 
 
-Listener = Callable[[str, str, "TargetResult | None"], None]  # (event, target, result): "start" | "done"
+# (event, target, result): "start" (result: status "building", with the gpu/node it builds on) | "done"
+Listener = Callable[[str, str, "TargetResult | None"], None]
 
 
-def build(project: Project, order: list[str], options: BuildOptions, listen: Listener | None = None) -> list[TargetResult]:
+class Runner:
+    """Where compiles run. The scheduler (build) asks it how many targets of a class may run at once and hands it
+    each target to compile into a temp folder; storing and materialising stay with the scheduler."""
+
+    def slots(self, gpu_bound: bool) -> int:
+        raise NotImplementedError
+
+    def unavailable(self, backend: Any) -> str | None:
+        return backend.unavailable()
+
+    def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
+                started: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        """Build into artifact_dir; call started({"gpu":..., "node":...}) once the target has its device; return
+        the worker's outcome ({"ok", "record", "check", "timings", ...} plus "gpu"/"node" where known)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        return None
+
+
+class LocalRunner(Runner):
+    """Worker processes on this host: CPU targets `jobs` at a time, GPU targets one per usable GPU, each worker
+    pinned to its GPU through CUDA_VISIBLE_DEVICES."""
+
+    def __init__(self, project: Project, jobs: int):
+        self.project, self.jobs = project, max(1, jobs)
+        self._pool: GpuPool | None = None
+
+    def _gpus(self) -> GpuPool:
+        if self._pool is None:
+            from .gpus import GpuPool
+
+            store = self.project.store
+            lock_dir = None if store.readonly else store.root / "locks"
+            self._pool = GpuPool(self.project.fingerprinter.gpu_plan.gpus, lock_dir)
+        return self._pool
+
+    def slots(self, gpu_bound: bool) -> int:
+        return max(1, len(self._gpus().gpus)) if gpu_bound else self.jobs
+
+    def unavailable(self, backend: Any) -> str | None:
+        if backend.needs_gpu and not self._gpus().gpus:
+            return "needs an NVIDIA GPU with CUDA (nvidia-smi shows none visible; see --gpus / CUDA_VISIBLE_DEVICES)"
+        return backend.unavailable()
+
+    def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
+                started: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        if not backend.needs_gpu:
+            started({})
+            return _run_worker(project, name, artifact_dir, upstream, log)
+        with self._gpus().acquire() as gpu:  # given back however the worker ends
+            started({"gpu": gpu.as_json()})
+            outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices})
+        return {**outcome, "gpu": gpu.as_json()}
+
+
+def build(project: Project, order: list[str], options: BuildOptions, listen: Listener | None = None,
+          runner: Runner | None = None) -> list[TargetResult]:
     listen = listen or (lambda *_: None)
     man = project.manifest.model
     results: dict[str, TargetResult] = {}
-    gpu_slot = threading.Semaphore(1)  # GPU compiles never run side by side within one build
+    runner = runner or LocalRunner(project, options.jobs)
     stop = threading.Event()
 
     def finish(res: TargetResult, t0: float) -> None:
@@ -67,23 +133,24 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 
     def run(job: _Job) -> TargetResult:
         try:
-            return _build_one(project, job, options, gpu_slot, listen)
+            return _build_one(project, job, options, runner, listen)
         except ReproducibilityError as e:
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="backend")
         except UserError as e:
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="user")
 
     pending = list(order)
-    running: dict[Future, tuple[str, float]] = {}
+    running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
         while pending or running:
             for name in list(pending):
-                if len(running) >= max(1, options.jobs):
-                    break
                 up = man.targets[name].from_
                 if up is not None and up not in results:
                     continue  # upstream still pending or running
+                gpu_bound = _gpu_bound(man, name)
+                if sum(r[2] == gpu_bound for r in running.values()) >= runner.slots(gpu_bound):
+                    continue  # this class (CPU or GPU) is at capacity; the other may still start
                 pending.remove(name)
                 t0 = time.perf_counter()
                 skip = None
@@ -107,21 +174,27 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
 
-                    pool = ThreadPoolExecutor(max_workers=max(1, options.jobs))
-                running[pool.submit(run, job)] = (name, t0)
+                    pool = ThreadPoolExecutor(max_workers=len(order))  # the slots above bound what runs
+                running[pool.submit(run, job)] = (name, t0, gpu_bound)
             if not running:
                 continue
             from concurrent.futures import FIRST_COMPLETED, wait
 
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                _, t0 = running.pop(fut)
+                _, t0, _ = running.pop(fut)
                 finish(fut.result(), t0)
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
+        runner.close()
     project.close()
     return [results[n] for n in order]
+
+
+def _gpu_bound(man: Any, name: str) -> bool:
+    config = man.backends[man.targets[name].backend]
+    return backend_for(config.kind)(config).needs_gpu
 
 
 @dataclass(frozen=True)
@@ -151,20 +224,19 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult], forc
     return _Job(name, backend_for(config.kind)(config), comps, key, upstream_file, current)
 
 
-def _build_one(project: Project, job: _Job, options: BuildOptions, gpu_slot: threading.Semaphore,
-               listen: Listener) -> TargetResult:
+def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runner, listen: Listener) -> TargetResult:
     name, backend, comps, key, upstream_file = job.name, job.backend, job.comps, job.key, job.upstream_file
     store = project.store
 
     if not options.force:
         if job.current is not None:  # only with --check-reproducible: otherwise settled by the scheduler
             res = TargetResult(name, CACHED, key, reason="up to date", record=job.current)
-            return _maybe_check_reproducible(project, res, backend, options, gpu_slot, listen, upstream_file, comps)
+            return _maybe_check_reproducible(project, res, backend, options, runner, listen, upstream_file)
         hit = _from_store(project, name, key)
         if hit is not None:
-            return _maybe_check_reproducible(project, hit, backend, options, gpu_slot, listen, upstream_file, comps)
+            return _maybe_check_reproducible(project, hit, backend, options, runner, listen, upstream_file)
 
-    reason = backend.unavailable()
+    reason = runner.unavailable(backend)
     if reason:
         status = FAILED if name in options.named else SKIPPED
         return TargetResult(name, status, key, reason=f"{backend.kind} cannot run here: {reason}", error="unavailable")
@@ -175,8 +247,7 @@ def _build_one(project: Project, job: _Job, options: BuildOptions, gpu_slot: thr
             hit = _from_store(project, name, key)
             if hit is not None:
                 return hit
-        listen("start", name, None)
-        return _compile(project, name, key, comps, backend, upstream_file, gpu_slot)
+        return _compile(project, name, key, comps, backend, upstream_file, runner, listen)
 
 
 def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
@@ -193,25 +264,29 @@ def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
 
 
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
-             gpu_slot: threading.Semaphore) -> TargetResult:
+             runner: Runner, listen: Listener) -> TargetResult:
     import shutil
 
     folder = project.target_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
     try:
-        outcome = _run_worker(project, name, tmp, upstream_file, folder / LOG, backend.needs_gpu, gpu_slot)
+        outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen))
+        where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
             kind = outcome.get("error", "backend")
             msg = outcome.get("message", "failed")
             if kind not in ("user", "unavailable"):
                 msg += f" (log: {_rel(folder / LOG)})"
-            return TargetResult(name, FAILED, key, reason=msg, error=kind)
+            return TargetResult(name, FAILED, key, reason=msg, error=kind, **where)
         meta = {
             "target": name, "key": key, "backend": backend.kind, "artifact": backend.artifact, "components": comps,
             "toolchain": comps["toolchain"], "timings": outcome["timings"], "check": outcome["check"],
             "record": outcome.get("record", {}), "built_at": time.time(), "source": "built",
+            "gpu": outcome.get("gpu"),  # the GPU it was built on, driver version included (not in the key)
         }
+        if outcome.get("node") is not None:
+            meta["node"] = outcome["node"]
         if project.store.readonly:
             from .store import describe_files
 
@@ -219,13 +294,22 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
         else:
             entry = project.store.put(key, tmp, meta)
             materialise(folder, entry.path, entry.files, meta)
-        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta)
+        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, **where)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path, needs_gpu: bool,
-                gpu_slot: threading.Semaphore) -> dict[str, Any]:
+def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]], None]:
+    def started(where: dict[str, Any]) -> None:
+        listen("start", name, TargetResult(name, "building", key, gpu=where.get("gpu"), node=where.get("node")))
+
+    return started
+
+
+def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path,
+                env: dict[str, str] | None = None) -> dict[str, Any]:
+    """One worker process for one target. env: variables set for it on top of ours (CUDA_VISIBLE_DEVICES pins the
+    worker to the GPU it was lent)."""
     import subprocess
 
     result = artifact_dir.with_name(artifact_dir.name + ".result.json")
@@ -234,16 +318,12 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
         "manifest": str(project.manifest.path), "manifest_data": to_json(project.manifest.model), "target": name, "artifact_dir": str(artifact_dir),
         "upstream": str(upstream) if upstream else None, "result": str(result),
     }))
-    env = dict(os.environ)
+    env = {**os.environ, **(env or {})}
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
         with open(log, "wb") as logf:
-            if needs_gpu:
-                with gpu_slot, project.store.gpu_lock() if not project.store.readonly else _NoLock():
-                    proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
-            else:
-                proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
         outcome = json.loads(result.read_text()) if result.exists() else None
         if proc.returncode != 0 or outcome is None:
             return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(proc.returncode)}"}
@@ -265,8 +345,7 @@ def _describe_exit(code: int) -> str:
 
 
 def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any, options: BuildOptions,
-                              gpu_slot: threading.Semaphore, listen: Listener, upstream_file: Path | None,
-                              comps: dict[str, Any]) -> TargetResult:
+                              runner: Runner, listen: Listener, upstream_file: Path | None) -> TargetResult:
     if not options.check_reproducible:
         return res
     if not backend.deterministic:
@@ -274,11 +353,10 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
         return res
     import shutil
 
-    listen("start", res.name, None)
     tmp = project.store.new_tmp()
     try:
         log = project.target_dir(res.name) / LOG
-        outcome = _run_worker(project, res.name, tmp, upstream_file, log, backend.needs_gpu, gpu_slot)
+        outcome = runner.compile(project, res.name, backend, tmp, upstream_file, log, _starter(res.name, res.key or "", listen))
         if not outcome.get("ok"):
             raise ReproducibilityError(f"rebuild for the reproducibility check failed: {outcome.get('message')}")
         from .hashing import sha256_file

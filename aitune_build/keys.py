@@ -13,6 +13,7 @@ from typing import Any
 import xxhash
 
 from .backends import backend_for
+from .gpus import GpuPlan
 from .hashing import StateCache
 from .manifest import LoadedManifest, to_json
 from .sources import glob_sources, module_sources
@@ -36,18 +37,40 @@ class Fingerprinter:
     manifest: LoadedManifest
     state: StateCache
     toolchain_override: dict[str, Any] | None = None  # tests fake toolchain versions through this
+    gpus: str | None = None  # `build --gpus`: a CUDA_VISIBLE_DEVICES value; None: the environment's
+    gpu_model: str | None = None  # `build --gpu-model`; None: [project] gpu_model, else the first visible GPU's
+    _gpu_plan: GpuPlan | None = None
     _sources: dict[str, dict] = field(default_factory=dict)
     _json: dict[tuple[str, str], Any] = field(default_factory=dict)  # specs as JSON, by (table, name)
     _toolchains: dict[str, dict] = field(default_factory=dict)
 
-    def toolchain(self, backend_kind: str) -> dict[str, Any]:
-        if backend_kind not in self._toolchains:
-            config = next(c for c in self.manifest.model.backends.values() if c.kind == backend_kind)
-            found = {"python": python_version(), **backend_for(backend_kind)(config).toolchain()}
+    @property
+    def gpu_plan(self) -> GpuPlan:
+        """The GPU model GPU targets' keys name and the GPUs they build on (gpus.py has the rule). Asked only when a
+        GPU target's key is computed or built: CPU-only builds never run nvidia-smi."""
+        if self._gpu_plan is None:
+            from .gpus import plan_gpus
+            from .toolchain import gpu_info
+
+            self._gpu_plan = plan_gpus(gpu_info(self.gpus), self.gpu_model or self.manifest.model.project.gpu_model)
+        return self._gpu_plan
+
+    def use_gpu_plan(self, plan: GpuPlan) -> None:
+        """Name another GPU model in keys (the Ray executor: the cluster's, not this machine's). Before any key."""
+        self._gpu_plan = plan
+        self._toolchains.clear()
+
+    def toolchain(self, backend_name: str) -> dict[str, Any]:
+        """What compiles targets of this backend (config, not kind: two `export` backends on cpu and cuda differ)."""
+        if backend_name not in self._toolchains:
+            config = self.manifest.model.backends[backend_name]
+            backend = backend_for(config.kind)(config)
+            gpu = self.gpu_plan.model if backend.needs_gpu else None
+            found = {"python": python_version(), **backend.toolchain(gpu)}
             if self.toolchain_override:
                 found.update(self.toolchain_override)
-            self._toolchains[backend_kind] = found
-        return self._toolchains[backend_kind]
+            self._toolchains[backend_name] = found
+        return self._toolchains[backend_name]
 
     def _as_json(self, table: str, name: str, spec: Any) -> Any:
         if (table, name) not in self._json:
@@ -80,7 +103,7 @@ class Fingerprinter:
             "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
             "backend": self._as_json("backends", spec.backend, config),
             "check": to_json(spec.check),
-            "toolchain": self.toolchain(config.kind),
+            "toolchain": self.toolchain(spec.backend),
         }
         if spec.from_ is not None:
             comps["upstream"] = {"artifact": upstream_artifact}

@@ -90,6 +90,8 @@ class ProjectSettings(Spec):
     name: str
     out_dir: str
     cache_dir: str
+    executor: str
+    gpu_model: str | None
 
 
 class Axis(Spec):

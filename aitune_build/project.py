@@ -28,7 +28,8 @@ class Project:
 
     @classmethod
     def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
-             toolchain_override: dict[str, Any] | None = None) -> Project:
+             toolchain_override: dict[str, Any] | None = None, gpus: str | None = None,
+             gpu_model: str | None = None) -> Project:
         path = Path(manifest_path)
         root = path.resolve().parent
         raw = read_bytes(path)
@@ -57,7 +58,7 @@ class Project:
                 state.set_validated(digest, normal)
                 model = Manifest.from_json(normal)
         m = checked(path, model)
-        fp = Fingerprinter(m, state, toolchain_override=toolchain_override)
+        fp = Fingerprinter(m, state, toolchain_override=toolchain_override, gpus=gpus, gpu_model=gpu_model)
         return cls(manifest=m, cache_dir=cache_dir, state=state, fingerprinter=fp, readonly_cache=readonly_cache)
 
     @property

@@ -29,6 +29,10 @@ class Project(_Table):
     name: str = Field(description="Project name.")
     out_dir: str = Field("build", description="Materialised outputs: <out_dir>/<target>/.")
     cache_dir: str = Field(DEFAULT_CACHE_DIR, description="Content-addressed cache; env AITUNE_CACHE_DIR overrides.")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: worker processes on this host (every visible GPU); ray: a Ray cluster (build --executor overrides).")
+    gpu_model: str | None = Field(
+        None, description="GPU model GPU targets build on and their keys name, e.g. 'H100' (default: the first visible GPU's).")
 
 
 class Axis(_Table):

@@ -2,7 +2,7 @@
 
     <cache>/store-v1/CACHEDIR.TAG
     <cache>/store-v1/objects/<key[:2]>/<key>/{<artifact files>, entry.json}
-    <cache>/store-v1/locks/<key>.lock
+    <cache>/store-v1/locks/<key>.lock, gpu-<uuid>.lock (gpus.GpuPool: one compile per GPU)
     <cache>/store-v1/tmp/
 
 An entry is a folder built under tmp/ and renamed into place, so readers never see half of one. entry.json, written
@@ -75,12 +75,6 @@ class ArtifactStore:
         from filelock import FileLock  # imported when something is built: a no-op build takes no lock
 
         return FileLock(str(self.root / "locks" / f"{key}.lock"))
-
-    def gpu_lock(self) -> FileLock:
-        """Held around GPU compiles so that builds of one machine don't oversubscribe its GPU."""
-        from filelock import FileLock
-
-        return FileLock(str(self.root / "locks" / "gpu.lock"))
 
     def has(self, key: str) -> bool:
         return (self._dir(key) / "entry.json").is_file()

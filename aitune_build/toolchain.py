@@ -66,26 +66,66 @@ def python_version() -> str:
     return f"{impl} {'.'.join(map(str, sys.version_info[:3]))}"
 
 
-@functools.cache
-def gpu_info() -> dict[str, str] | None:
-    """Name and compute capability of GPU 0, or None where there is no NVIDIA GPU."""
+def gpu_info(visible: str | None = None) -> list[dict[str, str]]:
+    """The NVIDIA GPUs this process may use, in CUDA's order: [{index, uuid, name, compute_capability, driver}].
+
+    `visible` is a CUDA_VISIBLE_DEVICES value (default: the environment's; unset means every GPU): comma-separated
+    nvidia-smi indices or GPU UUIDs (`GPU-8f...`, a unique prefix is enough); as CUDA does, the list ends at the
+    first entry that names no GPU. Indices are nvidia-smi's (PCI bus order): set CUDA_DEVICE_ORDER=PCI_BUS_ID for
+    CUDA to number them the same way. [] where there is no NVIDIA GPU (no nvidia-smi, or it fails)."""
     import shutil
-    import subprocess
 
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return None
+        return []
+    try:
+        st = os.stat(smi)
+    except OSError:
+        return []
+    rows = _query_gpus(smi, st.st_mtime_ns, st.st_size)
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return [dict(r) for r in select_visible(rows, visible)]
+
+
+def select_visible(rows: tuple[dict[str, str], ...] | list[dict[str, str]], visible: str | None) -> list[dict[str, str]]:
+    """The rows a CUDA_VISIBLE_DEVICES value leaves visible, in its order (None: all, in index order)."""
+    if visible is None:
+        return list(rows)
+    chosen: list[dict[str, str]] = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if entry.isdigit():
+            hit = [r for r in rows if r["index"] == str(int(entry))]
+        elif entry.upper().startswith("GPU-") and len(entry) > 4:
+            hit = [r for r in rows if r["uuid"].upper().startswith(entry.upper())]
+        else:
+            hit = []
+        if len(hit) != 1 or hit[0] in chosen:
+            break  # as CUDA: the list ends at an entry that names no (single, new) device
+        chosen.append(hit[0])
+    return chosen
+
+
+@functools.cache
+def _query_gpus(smi: str, mtime_ns: int, size: int) -> tuple[dict[str, str], ...]:
+    """Every GPU nvidia-smi lists (it ignores CUDA_VISIBLE_DEVICES). Cached per nvidia-smi binary."""
+    import subprocess
+
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader", "-i", "0"],
+            [smi, "--query-gpu=index,uuid,name,compute_cap,driver_version", "--format=csv,noheader"],
             capture_output=True, text=True, timeout=30, check=True,
-        ).stdout.strip()
+        ).stdout
     except (OSError, subprocess.SubprocessError):
-        return None
-    if not out:
-        return None
-    name, cap, driver = (s.strip() for s in (out.split(",") + ["", ""])[:3])
-    return {"name": name, "compute_capability": cap, "driver": driver}
+        return ()
+    rows = []
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5 or not parts[0].isdigit():
+            continue
+        index, uuid, name, cap, driver = parts
+        rows.append({"index": index, "uuid": uuid, "name": name, "compute_capability": cap, "driver": driver})
+    return tuple(rows)
 
 
 def has_module(name: str) -> bool:

@@ -78,7 +78,7 @@ def test_gpu_key_has_trt_versions_and_gpu(tmp_path: Path) -> None:
 
 
 needs_gpu = pytest.mark.skipif(
-    not (has_module("torch_tensorrt") and gpu_info() is not None),
+    not (has_module("torch_tensorrt") and gpu_info()),
     reason="needs an NVIDIA GPU and torch_tensorrt (pip install torch-tensorrt or torch-tensorrt-rtx)",
 )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..manifest import InputSpec, to_json
+from ..gpus import test_gpu_bound
 from ..toolchain import dist_version, gpu_info, has_module
 
 
@@ -57,23 +58,24 @@ class Backend:
 
     @property
     def needs_gpu(self) -> bool:
-        return self.config.device == "cuda"
+        return self.config.device == "cuda" or test_gpu_bound(self.kind)
 
-    def toolchain(self) -> dict[str, Any]:
-        """Library versions (and GPU) that go into this backend's keys. No torch import."""
+    def toolchain(self, gpu: dict[str, str] | None = None) -> dict[str, Any]:
+        """Library versions (and, for GPU backends, `gpu`: the model builds run on) for this backend's keys. No
+        torch import. The driver version is left out (README: what is in a key)."""
         found: dict[str, Any] = {"backend_revision": self.revision}
         for names in (("torch",),) + self.libraries:
             hit = dist_version(*names)
             found[names[0]] = f"{hit[0]} {hit[1]}" if hit else None
         if self.needs_gpu:
-            found["gpu"] = gpu_info()
+            found["gpu"] = gpu
         return found
 
     def unavailable(self) -> str | None:
         """Why this backend cannot run on this machine, with what to install; None when it can. No torch import."""
         if not has_module("torch"):
             return "torch is not installed: pip install torch"
-        if self.needs_gpu and gpu_info() is None:
+        if self.needs_gpu and not gpu_info():
             return "needs an NVIDIA GPU with CUDA (nvidia-smi found none)"
         return None
 

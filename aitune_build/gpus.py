@@ -1,0 +1,156 @@
+"""Which GPUs a build uses, which GPU model its keys name, and a pool that lends each GPU to one compile at a time.
+
+The rule for mixed GPU models on one host: a build's GPU targets are built only on GPUs of one model, so their
+keys never depend on which GPU a target happens to land on. That model is `gpu_model` (`[project] gpu_model` or
+`build --gpu-model`) when given, else the model of the first visible GPU (CUDA device 0 of the build: the lowest
+nvidia-smi index, or the first entry of `--gpus` / CUDA_VISIBLE_DEVICES). GPUs of other models stay idle.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+# Test hook: backend kinds (comma-separated) treated as GPU-bound although their device is "cpu", so the scheduler
+# can be tested on a machine without a GPU (with an nvidia-smi stub on PATH). Never set it for real builds.
+TEST_GPU_BOUND_ENV = "AITUNE_TEST_GPU_BOUND_KINDS"
+
+
+def test_gpu_bound(kind: str) -> bool:
+    value = os.environ.get(TEST_GPU_BOUND_ENV)
+    return bool(value) and kind in value.split(",")
+
+
+@dataclass(frozen=True)
+class Gpu:
+    index: str  # nvidia-smi's index
+    uuid: str
+    name: str
+    compute_capability: str
+    driver: str
+
+    @classmethod
+    def from_info(cls, d: dict[str, str]) -> Gpu:
+        return cls(d["index"], d["uuid"], d["name"], d["compute_capability"], d["driver"])
+
+    @property
+    def model(self) -> dict[str, str]:
+        """What a key names: the model and compute capability. Not the driver: see the README's key section."""
+        return {"name": self.name, "compute_capability": self.compute_capability}
+
+    @property
+    def visible_devices(self) -> str:
+        """The CUDA_VISIBLE_DEVICES value that pins a worker to this GPU (the UUID: independent of device order)."""
+        return self.uuid
+
+    def as_json(self) -> dict[str, str]:
+        return {"index": self.index, "uuid": self.uuid, "name": self.name,
+                "compute_capability": self.compute_capability, "driver": self.driver}
+
+
+@dataclass(frozen=True)
+class GpuPlan:
+    """The GPU model that GPU targets' keys name, and the GPUs of that model they may build on."""
+
+    model: dict[str, str] | None  # {"name", "compute_capability"}; None where no GPU is usable
+    gpus: tuple[Gpu, ...] = ()
+
+
+def plan_gpus(visible: list[dict[str, str]], gpu_model: str | None = None) -> GpuPlan:
+    """Apply the one-model rule (module docstring) to the visible GPUs, in CUDA order."""
+    gpus = [Gpu.from_info(d) for d in visible]
+    if not gpus:
+        return GpuPlan(None)
+    if gpu_model:
+        first = next((g for g in gpus if model_matches(gpu_model, g.name)), None)
+        if first is None:
+            names = sorted({g.name for g in gpus})
+            raise UserError(f"gpu_model '{gpu_model}' matches none of the visible GPUs ({', '.join(names)}); "
+                            "set gpu_model to one of them, or make such a GPU visible (--gpus / CUDA_VISIBLE_DEVICES)")
+    else:
+        first = gpus[0]
+    return GpuPlan(first.model, tuple(g for g in gpus if g.model == first.model))
+
+
+def model_matches(wanted: str, name: str) -> bool:
+    """'NVIDIA H100 80GB HBM3' is matched by itself, case aside, and by any of its words ('H100')."""
+    w = wanted.strip().lower()
+    return w == name.lower() or w in name.lower().replace("-", " ").split()
+
+
+class GpuPool:
+    """Lends each GPU to one compile at a time: within this process (a condition) and across processes that share
+    the lock folder (one lock file per GPU UUID, held while the compile runs). A GPU is given back when the block
+    exits, whatever happens inside (a failed or crashed worker frees its GPU)."""
+
+    def __init__(self, gpus: tuple[Gpu, ...] | list[Gpu], lock_dir: Path | None, poll: float = 0.2):
+        self.gpus = tuple(gpus)
+        self.lock_dir = lock_dir
+        self.poll = poll
+        self._free = list(self.gpus)
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def acquire(self) -> Iterator[Gpu]:
+        if not self.gpus:
+            raise RuntimeError("GpuPool.acquire: no GPU to lend")
+        gpu, lock = self._take()
+        try:
+            yield gpu
+        finally:
+            if lock is not None:
+                lock.release()
+            with self._cond:
+                self._free.append(gpu)
+                self._free.sort(key=self.gpus.index)
+                self._cond.notify()
+
+    def _take(self) -> tuple[Gpu, Any]:
+        while True:
+            with self._cond:
+                while not self._free:
+                    self._cond.wait()
+                candidates = list(self._free)
+                if self.lock_dir is None:
+                    gpu = candidates[0]
+                    self._free.remove(gpu)
+                    return gpu, None
+            # Another aitune-build on this machine may hold some: try each free one without waiting.
+            for gpu in candidates:
+                with self._cond:
+                    if gpu not in self._free:
+                        continue
+                    self._free.remove(gpu)
+                lock = self._file_lock(gpu)
+                if _try_acquire(lock):
+                    return gpu, lock
+                with self._cond:
+                    self._free.append(gpu)
+                    self._free.sort(key=self.gpus.index)
+                    self._cond.notify()
+            time.sleep(self.poll)
+
+    def _file_lock(self, gpu: Gpu) -> Any:
+        from filelock import FileLock
+
+        assert self.lock_dir is not None
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.lock_dir / f"gpu-{gpu.uuid}.lock"))
+
+
+def _try_acquire(lock: Any) -> bool:
+    from filelock import Timeout
+
+    try:
+        lock.acquire(timeout=0)
+        return True
+    except Timeout:
+        return False

@@ -1,0 +1,312 @@
+"""GPUs in keys and GPU scheduling, on a machine without a GPU: nvidia-smi is a stub script on PATH.
+
+What is tested is our code: which GPU a key names (issue 9 finding 1), the one-model rule, the GPU pool, and a real
+build whose (CPU) targets are treated as GPU-bound through the documented test hook `AITUNE_TEST_GPU_BOUND_KINDS`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from aitune_build.errors import UserError
+from aitune_build.gpus import TEST_GPU_BOUND_ENV, Gpu, GpuPool, plan_gpus
+from aitune_build.hashing import StateCache
+from aitune_build.keys import Fingerprinter, key_of
+from aitune_build.manifest import load_manifest
+from aitune_build.toolchain import gpu_info
+
+from .conftest import make_project, run_cli
+
+H100 = ("NVIDIA H100 80GB HBM3", "9.0", "570.86.15")
+H100_NEW_DRIVER = ("NVIDIA H100 80GB HBM3", "9.0", "580.159.04")
+H200 = ("NVIDIA H200", "9.0", "570.86.15")
+A100 = ("NVIDIA A100-SXM4-80GB", "8.0", "570.86.15")
+
+
+def fake_smi(folder: Path, gpus: list[tuple[str, str, str]]) -> str:
+    """A folder holding an `nvidia-smi` that lists these GPUs (index i, uuid GPU-<i>aaaa...); returns it for PATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = "\n".join(f"{i}, GPU-{i}{'a' * 7}-1111-2222-3333-444455556666, {n}, {cc}, {drv}" for i, (n, cc, drv) in enumerate(gpus))
+    smi = folder / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\ncat <<'EOF'\n{rows}\nEOF\n")
+    smi.chmod(0o755)
+    return str(folder)
+
+
+def uuid(i: int) -> str:
+    return f"GPU-{i}{'a' * 7}-1111-2222-3333-444455556666"
+
+
+@pytest.fixture
+def on_path(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def use(folder: str) -> None:
+        monkeypatch.setenv("PATH", folder + os.pathsep + os.environ["PATH"])
+
+    return use
+
+
+TWO_DEVICES = """
+[project]
+name = "t"
+
+[modules.mlp]
+factory = "models.mlp:build"
+weights = "weights/mlp.pt"
+inputs = [{{ name = "x", shape = [2, 4] }}]
+
+{backends}
+
+[targets.on_cpu]
+module = "mlp"
+backend = "exp_cpu"
+
+[targets.on_cuda]
+module = "mlp"
+backend = "exp_cuda"
+"""
+CPU_FIRST = '[backends.exp_cpu]\nkind = "export"\ndevice = "cpu"\n\n[backends.exp_cuda]\nkind = "export"\ndevice = "cuda"\n'
+CUDA_FIRST = '[backends.exp_cuda]\nkind = "export"\ndevice = "cuda"\n\n[backends.exp_cpu]\nkind = "export"\ndevice = "cpu"\n'
+
+
+def keys(root: Path, gpus: str | None = None) -> dict[str, str]:
+    fp = Fingerprinter(load_manifest(root / "aitune.toml"), StateCache(None), gpus=gpus)
+    return {t: key_of(fp.components(t)) for t in ("on_cpu", "on_cuda")}
+
+
+@pytest.mark.parametrize("order", [CPU_FIRST, CUDA_FIRST], ids=["cpu-backend-first", "cuda-backend-first"])
+def test_gpu_in_key_per_backend_config_not_per_kind(tmp_path: Path, on_path, order: str) -> None:
+    root = make_project(tmp_path / "p", TWO_DEVICES.format(backends=order))
+    on_path(fake_smi(tmp_path / "h100", [H100]))
+    on_h100 = keys(root)
+    comps = Fingerprinter(load_manifest(root / "aitune.toml"), StateCache(None)).components("on_cuda")
+    assert comps["toolchain"]["gpu"] == {"name": H100[0], "compute_capability": "9.0"}  # no driver in the key
+
+    on_path(fake_smi(tmp_path / "h200", [H200]))
+    on_h200 = keys(root)
+    assert on_h200["on_cuda"] != on_h100["on_cuda"]  # an H100 engine is never served on an H200
+    assert on_h200["on_cpu"] == on_h100["on_cpu"]  # a CPU target's key does not depend on the GPU
+
+    on_path(fake_smi(tmp_path / "h100-new-driver", [H100_NEW_DRIVER]))
+    assert keys(root) == on_h100  # a driver update rebuilds nothing
+
+    on_path(fake_smi(tmp_path / "none", []))
+    assert keys(root)["on_cpu"] == on_h100["on_cpu"]
+
+
+def test_key_names_the_gpu_cuda_visible_devices_gives(tmp_path: Path, on_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_project(tmp_path / "p", TWO_DEVICES.format(backends=CPU_FIRST))
+    on_path(fake_smi(tmp_path / "h200", [H200]))
+    only_h200 = keys(root)["on_cuda"]
+    on_path(fake_smi(tmp_path / "mixed", [H100, H200]))
+    on_h100 = keys(root)["on_cuda"]
+    assert on_h100 != only_h200  # GPU 0 is an H100
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert keys(root)["on_cuda"] == only_h200
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", uuid(1)[:10])  # a UUID prefix, as CUDA accepts
+    assert keys(root)["on_cuda"] == only_h200
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert keys(root, gpus="1,0")["on_cuda"] == only_h200  # --gpus: the first listed GPU's model
+
+
+def test_visible_gpus_follow_cuda_rules(tmp_path: Path, on_path) -> None:
+    on_path(fake_smi(tmp_path / "four", [H100, H100, H200, A100]))
+    assert [g["index"] for g in gpu_info()] == ["0", "1", "2", "3"]
+    assert [g["index"] for g in gpu_info("2,0")] == ["2", "0"]
+    assert [g["index"] for g in gpu_info(f"{uuid(3)},1")] == ["3", "1"]
+    assert [g["index"] for g in gpu_info("1,7,2")] == ["1"]  # the list ends at an entry naming no GPU
+    assert gpu_info("") == [] and gpu_info("-1") == []
+    assert gpu_info("0")[0] == {"index": "0", "uuid": uuid(0), "name": H100[0], "compute_capability": "9.0", "driver": H100[2]}
+
+
+def _gpus(*models: tuple[str, str, str]) -> list[dict[str, str]]:
+    return [{"index": str(i), "uuid": uuid(i), "name": n, "compute_capability": c, "driver": d} for i, (n, c, d) in enumerate(models)]
+
+
+def test_mixed_models_build_on_one_model_only() -> None:
+    plan = plan_gpus(_gpus(A100, H100, H100))
+    assert plan.model == {"name": A100[0], "compute_capability": "8.0"}
+    assert [g.index for g in plan.gpus] == ["0"]
+    plan = plan_gpus(_gpus(A100, H100, H100), gpu_model="H100")
+    assert plan.model["name"] == H100[0] and [g.index for g in plan.gpus] == ["1", "2"]
+    assert plan_gpus(_gpus(A100, H100), gpu_model=H100[0].lower()).model["name"] == H100[0]
+    with pytest.raises(UserError, match="gpu_model 'H200' matches none of the visible GPUs"):
+        plan_gpus(_gpus(A100, H100), gpu_model="H200")
+    assert plan_gpus([]).model is None and plan_gpus([]).gpus == ()
+
+
+def test_gpu_pool_lends_each_gpu_to_one_user_and_takes_it_back_on_failure(tmp_path: Path) -> None:
+    gpus = [Gpu.from_info(d) for d in _gpus(H100, H100)]
+    pool = GpuPool(gpus, tmp_path / "locks", poll=0.01)
+    holders: dict[str, int] = {}
+    seen: set[str] = set()
+    most = [0]
+    mutex = threading.Lock()
+
+    def work(i: int) -> None:
+        try:
+            with pool.acquire() as gpu:
+                with mutex:
+                    holders[gpu.uuid] = holders.get(gpu.uuid, 0) + 1
+                    seen.add(gpu.uuid)
+                    most[0] = max(most[0], sum(holders.values()))
+                    assert holders[gpu.uuid] == 1, "a GPU lent twice"
+                time.sleep(0.02)
+                with mutex:
+                    holders[gpu.uuid] -= 1
+                if i % 3 == 0:
+                    raise RuntimeError("a failing compile")
+        except RuntimeError:
+            pass
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a failed user did not give its GPU back"
+    assert seen == {g.uuid for g in gpus} and most[0] == 2
+
+
+def test_gpu_pool_skips_a_gpu_another_process_holds(tmp_path: Path) -> None:
+    gpus = [Gpu.from_info(d) for d in _gpus(H100, H100)]
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from filelock import FileLock
+        lock = FileLock({str(locks / f'gpu-{uuid(0)}.lock')!r}); lock.acquire()
+        print("held", flush=True); sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        pool = GpuPool(gpus, locks, poll=0.01)
+        with pool.acquire() as first:
+            assert first.uuid == uuid(1)  # GPU 0 is busy in the other process
+            got: list[str] = []
+            t = threading.Thread(target=lambda: got.append(_take(pool)))
+            t.start()
+            time.sleep(0.3)
+            assert got == []  # both GPUs busy: it waits
+            holder.stdin.close()
+            holder.wait(timeout=30)
+            t.join(timeout=30)
+            assert got == [uuid(0)]
+    finally:
+        holder.kill()
+
+
+def _take(pool: GpuPool) -> str:
+    with pool.acquire() as gpu:
+        return gpu.uuid
+
+
+# --- a real build, its eager targets treated as GPU-bound (the test hook) -------------------------------------
+
+SCHEDULED = """
+[project]
+name = "sched"
+
+[modules.probe]
+factory = "models.probe:build"
+inputs = [{{ name = "input", shape = [2, 4] }}]
+
+[backends.ref]
+kind = "eager"
+{targets}
+"""
+
+PROBE = '''
+import json, os, time
+import torch
+
+LOG = {log!r}
+
+
+def build(i=0, crash=False):
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if crash:
+        os._exit(3)
+    t0 = time.time()
+    if i < 2:
+        # The first two targets wait for each other: only a build that runs them side by side on two GPUs passes.
+        open(os.path.join(LOG, "started-" + cvd), "w").close()
+        while not any(n != "started-" + cvd for n in os.listdir(LOG) if n.startswith("started-")):
+            if time.time() - t0 > 120:
+                raise RuntimeError("no other GPU's target ran meanwhile")
+            time.sleep(0.05)
+    time.sleep(0.3)
+    with open(os.path.join(LOG, "calls.jsonl"), "a") as f:
+        f.write(json.dumps({{"cvd": cvd, "pid": os.getpid(), "t0": t0, "t1": time.time(), "i": i}}) + "\\n")
+    return torch.nn.Linear(4, 2)
+'''
+
+
+def _sched_project(root: Path, log: Path, targets: dict[str, str]) -> Path:
+    log.mkdir(parents=True)
+    body = "".join(f'\n[targets.{n}]\nmodule = "probe"\nbackend = "ref"\ncheck = {{ seed = {i} }}\n' for i, n in enumerate(targets))
+    # Args per target go through distinct modules: each target needs its own key (one key builds once, locked).
+    man = SCHEDULED.format(targets=body)
+    for i, (n, args) in enumerate(targets.items()):
+        man = man.replace(f'[targets.{n}]\nmodule = "probe"', f'[targets.{n}]\nmodule = "m{i}"')
+        man += f'\n[modules.m{i}]\nfactory = "models.probe:build"\nargs = {args}\ninputs = [{{ name = "input", shape = [2, 4] }}]\n'
+    root.mkdir(parents=True)
+    (root / "models").mkdir()
+    (root / "models/__init__.py").write_text("")
+    (root / "models/probe.py").write_text(PROBE.format(log=str(log)))
+    (root / "aitune.toml").write_text(man)
+    return root
+
+
+@pytest.mark.slow
+def test_gpu_targets_run_one_per_gpu_side_by_side(tmp_path: Path, on_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv(TEST_GPU_BOUND_ENV, "eager")
+    on_path(fake_smi(tmp_path / "smi", [H100, H100, H200]))
+    log = tmp_path / "log"
+    root = _sched_project(tmp_path / "p", log, {f"t{i}": f"{{ i = {i} }}" for i in range(4)})
+    code, out, data = run_cli(root, "build", "-j", "1", "--json")
+    assert code == 0, out
+    assert [t["status"] for t in data["targets"]] == ["built"] * 4
+    used = {t["gpu"]["uuid"] for t in data["targets"]}
+    assert used == {uuid(0), uuid(1)}  # the H200 (GPU 2) is another model: never used, keys stay stable
+    for t in data["targets"]:
+        rec = json.loads((root / "build" / t["name"] / "build.json").read_text())
+        assert rec["gpu"]["uuid"] == t["gpu"]["uuid"] and rec["gpu"]["driver"] == H100[2]
+        assert rec["toolchain"]["gpu"] == {"name": H100[0], "compute_capability": "9.0"}
+    calls = [json.loads(line) for line in (log / "calls.jsonl").read_text().splitlines()]
+    spans: dict[int, tuple[str, float, float]] = {}
+    for c in calls:
+        cvd, t0, t1 = spans.get(c["pid"], (c["cvd"], c["t0"], c["t1"]))
+        spans[c["pid"]] = (c["cvd"], min(t0, c["t0"]), max(t1, c["t1"]))
+    assert {s[0] for s in spans.values()} == {uuid(0), uuid(1)}  # each worker saw exactly its GPU
+    for a, (cva, a0, a1) in spans.items():
+        for b, (cvb, b0, b1) in spans.items():
+            if a < b and cva == cvb:
+                assert a1 <= b0 or b1 <= a0, "two workers on one GPU at once"
+
+    code, out, _ = run_cli(root, "build", "-f", "t0")
+    assert code == 0 and f"on GPU 0 ({H100[0]})" in out  # progress says which GPU builds what
+
+
+@pytest.mark.slow
+def test_a_crashed_gpu_target_frees_its_gpu(tmp_path: Path, on_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv(TEST_GPU_BOUND_ENV, "eager")
+    on_path(fake_smi(tmp_path / "smi", [H100, H100]))
+    root = _sched_project(tmp_path / "p", tmp_path / "log", {"boom": "{ i = 5, crash = true }", "after": "{ i = 6 }"})
+    code, out, data = run_cli(root, "build", "--gpus", "1", "-k", "--json")
+    assert code == 1, out
+    got = {t["name"]: t for t in data["targets"]}
+    assert got["boom"]["status"] == "failed" and "exited with code 3" in got["boom"]["reason"]
+    assert got["after"]["status"] == "built" and got["after"]["gpu"]["uuid"] == uuid(1)  # --gpus 1: GPU 1 only

@@ -76,6 +76,10 @@ class Runner:
         the worker's outcome ({"ok", "record", "check", "timings", ...} plus "gpu"/"node" where known)."""
         raise NotImplementedError
 
+    def cancel(self) -> None:
+        """Stop compiles in flight (Ctrl-C). Local workers get the terminal's SIGINT themselves."""
+        return None
+
     def close(self) -> None:
         return None
 
@@ -184,6 +188,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             for fut in done:
                 _, t0, _ = running.pop(fut)
                 finish(fut.result(), t0)
+    except BaseException:  # Ctrl-C: cancel what runs elsewhere before waiting for the threads that wait on it
+        runner.cancel()
+        raise
     finally:
         if pool is not None:
             pool.shutdown(wait=True)

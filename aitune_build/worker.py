@@ -74,7 +74,25 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "record": record, "check": checks, "timings": timings}
 
 
+def _die_with_parent() -> None:
+    """Linux: end with the process that started us (a killed build, a cancelled Ray task), never linger orphaned."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import os
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     result_path = Path(job["result"])
     try:

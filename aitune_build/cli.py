@@ -112,13 +112,18 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             from .ray_executor import RayRunner
 
             runner = RayRunner.connect(project, ray_address, jobs)  # before any key: GPU keys name the cluster's GPU
-        if locked:
-            problems = lockfile.check_locked(project, order)
-            if problems:
-                _emit_locked(problems, as_json)
-                return EXIT_FAILED
-        if dry_run:
-            return _dry_run(survey(project, order), as_json)
+        if locked or dry_run:
+            problems: dict[str, list[str]] = {}
+            try:
+                problems = lockfile.check_locked(project, order) if locked else {}
+                if problems:
+                    _emit_locked(problems, as_json)
+                    return EXIT_FAILED
+                if dry_run:
+                    return _dry_run(survey(project, order), as_json)
+            finally:
+                if runner is not None and (problems or dry_run or sys.exc_info()[0] is not None):
+                    runner.close()
         reporter = _Reporter(len(order), quiet=as_json)
         results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
                                                      check_reproducible=check_reproducible), reporter, runner)

@@ -101,11 +101,11 @@ class LocalRunner(Runner):
             self._pool = GpuPool(self.project.fingerprinter.gpu_plan.gpus, lock_dir)
         return self._pool
 
-    def slots(self, gpu_bound: bool) -> int:
-        return max(1, len(self._gpus().gpus)) if gpu_bound else self.jobs
+    def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
+        return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) if gpu_bound else self.jobs
 
     def unavailable(self, backend: Any) -> str | None:
-        if backend.needs_gpu and not self._gpus().gpus:
+        if backend.needs_gpu and not self.project.fingerprinter.gpu_plan.gpus:
             return "needs an NVIDIA GPU with CUDA (nvidia-smi shows none visible; see --gpus / CUDA_VISIBLE_DEVICES)"
         return backend.unavailable()
 

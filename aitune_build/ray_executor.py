@@ -69,6 +69,7 @@ class RayRunner(Runner):
         env_vars = {k: os.environ[k] for k in (TEST_GPU_BOUND_ENV,) if k in os.environ}
         runtime_env = {"working_dir": str(root), "excludes": excludes,
                        "py_modules": [str(Path(__file__).resolve().parent)], "env_vars": env_vars}
+        _cluster_messages_to_stderr()
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False, logging_level="warning")
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -141,6 +142,24 @@ class RayRunner(Runner):
 
     def close(self) -> None:
         self.ray.shutdown()
+
+
+def _cluster_messages_to_stderr() -> None:
+    """Ray prints the cluster's error messages ("Raylet is terminated", from a background thread) on stdout, which
+    would break `build --json`: send them to stderr. Ray 2.x looks this function up at each message."""
+    try:
+        import ray._private.worker as ray_worker
+    except ImportError:
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_aitune_stderr", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        original({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr._aitune_stderr = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = to_stderr
 
 
 def _needs_gpu(man: Any, target: str) -> bool:

@@ -256,7 +256,7 @@ def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, ray_env) -> None:
     while not (marks / "started-1").exists():
         assert time.time() < deadline and proc.poll() is None, "the task never started"
         time.sleep(0.2)
-    workers = [p for p in _ours(ray_env["temp_dir"]) if _is_aitune_worker(p)]
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _is_aitune_worker(int(p))]
     assert workers, "no aitune worker process on the cluster"
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
@@ -270,7 +270,8 @@ def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, ray_env) -> None:
 
 def _is_aitune_worker(pid: int) -> bool:
     try:
-        return b"aitune_build.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"aitune_build.worker" in cmd and b"aitune-ray-" in cmd  # a worker a Ray task started
     except OSError:
         return False
 
@@ -304,6 +305,7 @@ def test_node_lost_mid_build_is_retried_on_another_node(tmp_path: Path, ray_env)
         out, err = proc.communicate(timeout=480)
     finally:
         proc.kill()
+    assert out.strip().startswith("{"), (proc.returncode, out, err[-3000:])
     data = json.loads(out)
     got = {t["name"]: t for t in data["targets"]}
     assert proc.returncode == 0, (out, err)

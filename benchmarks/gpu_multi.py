@@ -1,0 +1,111 @@
+"""Eight Torch-TensorRT AOT targets built on one GPU vs two GPUs of one host (issue 13; goal: 2 GPUs >= 1.8x).
+
+    python benchmarks/gpu_multi.py --out results.json [--gpus-a 0 --gpus-b 0,1] [--budget-s 500]
+
+Plain python (no pytest, no ray). The project (ResNet-18 from torchvision, random weights, at four class counts x
+batch 1 and 8: eight distinct keys, each a real TensorRT engine build, fp32, static shapes) is generated in a temp
+folder and built with `aitune-build build --gpus 0` and with `--gpus 0,1`, each time with an empty cache and out
+dir (cold), as whole processes. Run order: 1 GPU, 2 GPUs, then 1 GPU again if the time budget allows (so a cold
+disk cache on the first run shows up as a difference between the two 1-GPU runs). Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+NET = '''
+import torch
+import torchvision
+
+
+def build(num_classes=1000):
+    return torchvision.models.resnet18(num_classes=num_classes)
+'''
+
+
+def make_project(root: Path) -> Path:
+    (root / "models").mkdir(parents=True)
+    (root / "models/__init__.py").write_text("")
+    (root / "models/net.py").write_text(NET)
+    lines = ['[project]\nname = "gpu_multi"\n', '[backends.trt]\nkind = "torch_tensorrt_aot"\n']
+    for classes in (10, 100, 1000, 2000):
+        for batch in (1, 8):
+            m = f"r18_c{classes}_b{batch}"
+            lines.append(f'[modules.{m}]\nfactory = "models.net:build"\nargs = {{ num_classes = {classes} }}\n'
+                         f'inputs = [{{ name = "x", shape = [{batch}, 3, 224, 224] }}]\n')
+            lines.append(f'[targets.{m}]\nmodule = "{m}"\nbackend = "trt"\n')
+    (root / "aitune.toml").write_text("\n".join(lines))
+    return root
+
+
+def build_cold(template: Path, work: Path, gpus: str) -> dict:
+    proj = work / f"run-{gpus.replace(',', '_')}-{time.monotonic_ns()}"
+    shutil.copytree(template, proj)
+    env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+           "AITUNE_CACHE_DIR": str(proj / ".cache")}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(proj), "build", "--gpus", gpus, "--json", "-k"],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    try:
+        doc = json.loads(proc.stdout)
+    except ValueError:
+        doc = {"targets": [], "error": (proc.stdout + proc.stderr)[-3000:]}
+    targets = [{"name": t["name"], "status": t["status"], "seconds": t["seconds"],
+                "gpu": (t.get("gpu") or {}).get("index"), "reason": t["reason"][:300]} for t in doc.get("targets", [])]
+    shutil.rmtree(proj, ignore_errors=True)
+    return {"gpus": gpus, "wall_s": round(wall, 2), "exit_code": proc.returncode, "targets": targets,
+            "built": sum(t["status"] == "built" for t in targets), **({"error": doc["error"]} if "error" in doc else {})}
+
+
+def machine() -> dict:
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=index,name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30).stdout.strip().splitlines()
+    except OSError:
+        smi = []
+    return {"gpus": smi, "python": sys.version.split()[0], "cpus": os.cpu_count()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--gpus-a", default="0", help="the baseline's GPUs (default 0)")
+    ap.add_argument("--gpus-b", default="0,1", help="the multi-GPU run's GPUs (default 0,1)")
+    ap.add_argument("--budget-s", type=float, default=500.0, help="skip the repeat of the baseline past this (default 500)")
+    args = ap.parse_args()
+    started = time.perf_counter()
+    results = {"machine": machine(), "runs": []}
+    with tempfile.TemporaryDirectory(prefix="gpu-multi-") as tmp:
+        template = make_project(Path(tmp) / "template")
+        for gpus in (args.gpus_a, args.gpus_b, args.gpus_a):
+            if results["runs"] and time.perf_counter() - started + results["runs"][0]["wall_s"] > args.budget_s:
+                results["skipped_repeat"] = f"would pass the {args.budget_s:.0f} s budget"
+                break
+            run = build_cold(template, Path(tmp), gpus)
+            results["runs"].append(run)
+            print(f"--gpus {gpus}: {run['wall_s']:.1f} s, {run['built']}/8 built, exit {run['exit_code']}", flush=True)
+            Path(args.out).write_text(json.dumps(results, indent=2))  # partial results survive a timeout
+    a = [r["wall_s"] for r in results["runs"] if r["gpus"] == args.gpus_a]
+    b = [r["wall_s"] for r in results["runs"] if r["gpus"] == args.gpus_b]
+    if a and b:
+        results["speedup"] = round(min(a) / b[0], 3)  # against the faster baseline run: the conservative ratio
+        results["speedup_first_baseline"] = round(a[0] / b[0], 3)
+        print(f"speed-up {args.gpus_b} vs {args.gpus_a}: {results['speedup']}x (goal >= 1.8x)")
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -310,3 +310,31 @@ def test_a_crashed_gpu_target_frees_its_gpu(tmp_path: Path, on_path, monkeypatch
     got = {t["name"]: t for t in data["targets"]}
     assert got["boom"]["status"] == "failed" and "exited with code 3" in got["boom"]["reason"]
     assert got["after"]["status"] == "built" and got["after"]["gpu"]["uuid"] == uuid(1)  # --gpus 1: GPU 1 only
+
+
+def _cuda_gpus() -> int:
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_gpus() < 2 or len(gpu_info()) < 2, reason="needs 2 NVIDIA GPUs with CUDA torch")
+def test_real_gpus_build_side_by_side_each_worker_on_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    monkeypatch.delenv(TEST_GPU_BOUND_ENV, raising=False)
+    visible = gpu_info()[:2]
+    man = TWO_DEVICES.format(backends=CPU_FIRST).replace(
+        '[targets.on_cpu]\nmodule = "mlp"\nbackend = "exp_cpu"',
+        '[targets.on_cuda2]\nmodule = "mlp"\nbackend = "exp_cuda"\ncheck = { seed = 1 }')
+    root = make_project(tmp_path / "p", man)
+    code, out, data = run_cli(root, "build", "--gpus", ",".join(g["index"] for g in visible), "--json")
+    assert code == 0, out
+    used = {t["gpu"]["uuid"] for t in data["targets"]}
+    assert used == {g["uuid"] for g in visible}  # both submitted at once: one on each GPU
+    model = {"name": visible[0]["name"], "compute_capability": visible[0]["compute_capability"]}
+    for t in data["targets"]:
+        rec = json.loads((root / "build" / t["name"] / "build.json").read_text())
+        assert rec["toolchain"]["gpu"] == model and rec["gpu"]["driver"] == visible[0]["driver"]

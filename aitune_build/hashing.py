@@ -53,11 +53,15 @@ class StateCache:
         self._files: dict[str, list] = {}
         self._imports: dict[str, list] = {}
         self._manifests: dict[str, dict] = {}
+        self._dists: dict[str, Any] = {"env": None, "map": {}}  # top-level import name -> distribution ("" for none)
         if path is not None:
             try:
                 data = json.loads(path.read_bytes())
                 if data.get("version") == STATE_VERSION:
                     self._files, self._imports, self._manifests = data["files"], data["imports"], data["manifests"]
+                    dists = data.get("dists")
+                    if isinstance(dists, dict) and isinstance(dists.get("map"), dict):
+                        self._dists = dists
             except (OSError, ValueError, KeyError, TypeError):
                 pass
 
@@ -92,6 +96,18 @@ class StateCache:
             self._imports[digest] = found
             self._dirty = True
 
+    def distribution(self, env: str, name: str) -> str | None:
+        """Which distribution provides import name ("" for none), as found under the same environment."""
+        with self._lock:
+            return self._dists["map"].get(name) if self._dists.get("env") == env else None
+
+    def set_distribution(self, env: str, name: str, dist: str) -> None:
+        with self._lock:
+            if self._dists.get("env") != env:
+                self._dists = {"env": env, "map": {}}
+            self._dists["map"][name] = dist
+            self._dirty = True
+
     def validated(self, digest: str) -> dict | None:
         with self._lock:
             return self._manifests.get(digest)
@@ -111,8 +127,8 @@ class StateCache:
             files = {k: v for k, v in self._files.items() if os.path.exists(k)}
             live = {v[3] for v in files.values()}
             imports = {k: v for k, v in self._imports.items() if k in live}
-            data = json.dumps({"version": STATE_VERSION, "files": files, "imports": imports, "manifests": self._manifests},
-                              separators=(",", ":"))
+            data = json.dumps({"version": STATE_VERSION, "files": files, "imports": imports, "manifests": self._manifests,
+                               "dists": self._dists}, separators=(",", ":"))
             self._dirty = False
         try:
             atomic_write_bytes(self.path, data.encode())

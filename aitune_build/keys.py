@@ -16,10 +16,10 @@ from .backends import backend_for
 from .gpus import GpuPlan
 from .hashing import StateCache
 from .manifest import LoadedManifest, to_json
-from .sources import glob_sources, module_sources
+from .sources import glob_sources, scan_module
 from .toolchain import python_version
 
-KEY_SCHEMA = 1
+KEY_SCHEMA = 2  # 2: third-party distributions the sources import ("packages")
 
 
 def canonical_json(obj: Any) -> str:
@@ -41,6 +41,8 @@ class Fingerprinter:
     gpu_model: str | None = None  # `build --gpu-model`; None: [project] gpu_model, else the first visible GPU's
     _gpu_plan: GpuPlan | None = None
     _sources: dict[str, dict] = field(default_factory=dict)
+    _packages: dict[str, dict] = field(default_factory=dict)
+    _imports: dict[str, list[str]] = field(default_factory=dict)  # third-party top-level import names, by module
     _json: dict[tuple[str, str], Any] = field(default_factory=dict)  # specs as JSON, by (table, name)
     _toolchains: dict[str, dict] = field(default_factory=dict)
 
@@ -81,13 +83,27 @@ class Fingerprinter:
         if module_name not in self._sources:
             spec = self.manifest.model.modules[module_name]
             root = self.manifest.root
-            files = module_sources(root, spec.factory.split(":")[0], self.state)
+            files, self._imports[module_name] = scan_module(root, spec.factory.split(":")[0], self.state)
             globbed = glob_sources(root, spec.sources, self.state)
             if globbed["empty"]:
                 pattern = globbed["empty"][0]
                 raise self.manifest.error(f"modules.{module_name}.sources", f"pattern '{pattern}' matches no file under {root}")
             self._sources[module_name] = {**files, **globbed["files"]}
         return self._sources[module_name]
+
+    def packages(self, module_name: str) -> dict[str, str]:
+        """{distribution: version} of the third-party code the module's sources import (torch aside: toolchain)."""
+        if module_name not in self._packages:
+            from .packages import distributions
+
+            self._module_sources(module_name)
+            self._packages[module_name] = distributions(self._imports[module_name], self.state)
+        return self._packages[module_name]
+
+    def third_party_imports(self, module_name: str) -> list[str]:
+        """Top-level names of the modules outside the project (standard library aside) the module's sources import."""
+        self._module_sources(module_name)
+        return self._imports[module_name]
 
     def components(self, target: str, upstream_artifact: str | None = None) -> dict[str, Any]:
         man = self.manifest.model
@@ -99,6 +115,7 @@ class Fingerprinter:
         comps: dict[str, Any] = {
             "module": module,
             "sources": self._module_sources(module_name),
+            "packages": self.packages(module_name),
             "weights": {mod.weights: self.state.digest(root / mod.weights)} if mod.weights else {},
             "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
             "backend": self._as_json("backends", spec.backend, config),
@@ -130,6 +147,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 
 
 _FILE_TABLES = ("sources.", "weights.", "samples.")
+_PACKAGES = "packages."
 
 
 def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -137,11 +155,15 @@ def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
     lines: list[str] = []
     for k in sorted(a.keys() | b.keys()):
-        if a.get(k, _MISSING) == b.get(k, _MISSING):
-            continue
+        if a.get(k, _MISSING) == b.get(k, _MISSING) or (k == "packages" and {} in (a.get(k), b.get(k))):
+            continue  # an empty packages table gaining its first entry is said by that entry
         is_file = k.startswith(_FILE_TABLES)
         name = k.split(".", 1)[1] if is_file else k
-        if k not in a:
+        if k.startswith(_PACKAGES):
+            dist = k[len(_PACKAGES):]
+            lines.append(f"{dist} {a[k]} -> {b[k]}" if k in a and k in b else
+                         f"{dist} {b[k]} added" if k in b else f"{dist} {a[k]} removed")
+        elif k not in a:
             lines.append(f"{name} added" if is_file else f"{k}: added ({_show(b[k])})")
         elif k not in b:
             lines.append(f"{name} removed" if is_file else f"{k}: removed (was {_show(a[k])})")

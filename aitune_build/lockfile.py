@@ -16,7 +16,7 @@ from .project import Project
 
 LOCK_FORMAT = 1
 LOCK_NAME = "aitune.lock"
-_PER_FILE = ("sources", "weights", "samples", "toolchain")
+_PER_FILE = ("sources", "packages", "weights", "samples", "toolchain")
 
 
 def lock_path(project: Project) -> Path:

@@ -1,7 +1,8 @@
 """Which project files decide a module: the factory's file and every project-local module it imports, transitively.
 
 Found by static import scanning (ast), never by executing the code. A module that does not resolve to a file under
-the project root is third-party and is covered by the toolchain versions instead.
+the project root is third-party: the scan returns its top-level name (standard-library modules aside), and
+`packages.distributions` turns those into distribution versions for the key.
 """
 
 from __future__ import annotations
@@ -50,10 +51,19 @@ def _candidates(root: Path, file: Path, level: int, module: str, names: list[str
 
 def module_sources(root: Path, dotted: str, state: StateCache) -> dict[str, str]:
     """{path relative to root: digest} for `dotted` and the project-local modules it imports, transitively."""
+    return scan_module(root, dotted, state)[0]
+
+
+def scan_module(root: Path, dotted: str, state: StateCache) -> tuple[dict[str, str], list[str]]:
+    """module_sources, and the sorted top-level names of the other modules those files import (third-party ones:
+    neither project-local nor standard library)."""
+    from .packages import is_stdlib
+
     start = module_file(root, dotted)
     if start is None:
-        return {}
+        return {}, []
     seen: dict[str, str] = {}
+    outside: set[str] = set()
     todo = [start]
     # importing a.b.c runs a/__init__.py and a/b/__init__.py first
     todo += [p for d in _parents(dotted) if (p := module_file(root, d)) is not None]
@@ -69,11 +79,14 @@ def module_sources(root: Path, dotted: str, state: StateCache) -> dict[str, str]
             found = _scan(file.read_bytes(), str(file))
             state.set_imports(digest, found)
         for level, module, names in found:
+            top = module.split(".")[0]
+            if not level and top and top not in outside and not is_stdlib(top) and module_file(root, top) is None:
+                outside.add(top)
             for cand in _candidates(root, file, level, module, names):
                 target = module_file(root, cand)
                 if target is not None and target.relative_to(root).as_posix() not in seen:
                     todo.append(target)
-    return dict(sorted(seen.items()))
+    return dict(sorted(seen.items())), sorted(outside)
 
 
 def _parents(dotted: str) -> list[str]:

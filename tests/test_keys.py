@@ -24,8 +24,9 @@ def test_pinned_key_for_a_fixed_project(tmp_path: Path) -> None:
     root = make_project(tmp_path / "p")
     (root / "weights/mlp.pt").write_bytes(b"fixed weights bytes")
     comps = _fingerprinter(root).components("mlp_export")
-    assert sorted(comps) == ["backend", "check", "module", "samples", "sources", "toolchain", "weights"]
-    assert key_of(comps) == "3e10fd863a21533fad8bd3e2e0a0f10c"  # since export revision 2 (backend_revision in toolchain)
+    assert sorted(comps) == ["backend", "check", "module", "packages", "samples", "sources", "toolchain", "weights"]
+    assert comps["packages"] == {}  # the fixture imports torch only: in the toolchain, not here
+    assert key_of(comps) == "9d7143ff21bb61a5881a5bfafeb7bae7"  # since KEY_SCHEMA 2 (third-party packages)
 
 
 def test_transitive_helper_two_imports_away_is_a_source(tmp_path: Path) -> None:

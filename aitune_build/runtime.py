@@ -79,6 +79,9 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
     reason = backend.unavailable()
     if reason:
         raise AituneError(f"cannot load {target}: {config.kind} cannot run here: {reason}")
+    from .loadable import import_recorded
+
+    import_recorded(record, project, target)  # pytree types and operators the artifact names, if the project vouches
 
     def module_factory() -> Any:
         if project is None:

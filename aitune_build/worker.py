@@ -71,6 +71,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
                 raise CheckFailed(f"check against eager failed at {which} shapes: {result['reason']}")
     checks["max_abs_err"] = max(v["max_abs_err"] for v in checks["variants"].values())
     checks["max_rel_err"] = max(v["max_rel_err"] for v in checks["variants"].values())
+    if backend.exported_program:  # what a process that never ran the factory must import to load it, proven
+        from .loadable import record_imports
+        from .manifest import to_json
+
+        t0 = time.perf_counter()
+        record["imports"] = record_imports(ctx.artifact_dir / backend.artifact, m.root, mod_spec.factory.split(":")[0],
+                                           {"backend": to_json(config), "inputs": [to_json(i) for i in mod_spec.inputs]})
+        timings["fresh_load"] = time.perf_counter() - t0
     return {"ok": True, "record": record, "check": checks, "timings": timings}
 
 

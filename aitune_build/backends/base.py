@@ -53,6 +53,12 @@ class Backend:
     # Bumped when this backend's output changes for the same inputs, so that keys (and cache entries) change too.
     revision: ClassVar[int] = 1
 
+    @property
+    def exported_program(self) -> bool:
+        """Whether the artifact is a saved ExportedProgram, which names Python types and operators that a loading
+        process must have registered (see loadable.py)."""
+        return False
+
     def __init__(self, config: Any):
         self.config = config
 

@@ -22,6 +22,7 @@ class ExportBackend(Backend):
     artifact = "model.pt2"
     deterministic = True
     revision = 2  # 2: stack traces (absolute source paths) left out of the saved program
+    exported_program = True  # type: ignore[assignment]
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch

@@ -20,6 +20,10 @@ class TorchTensorRTAotBackend(Backend):
     def artifact(self) -> str:  # type: ignore[override]
         return _FILES[self.config.output_format]
 
+    @property
+    def exported_program(self) -> bool:
+        return self.config.output_format == "exported_program"
+
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())
 

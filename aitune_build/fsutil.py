@@ -1,4 +1,9 @@
-"""Atomic writes: a temp file in the same folder, then os.replace; the temp is unlinked on any exception."""
+"""Atomic writes: a temp file in the same folder, then os.replace; the temp is unlinked on any exception.
+
+Files and folders get the modes the umask gives (0644/0755 under 022, 0664/0775 under 002), as open() and mkdir()
+would: mkstemp/mkdtemp create them 0600/0700, which would keep a cache shared by a team or restored under another
+uid unreadable. Copies are never renames, so a cache on another filesystem than the outputs works.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,53 @@ import os
 from pathlib import Path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def umask() -> int:
+    """The process umask, read without changing it (os.umask sets it, racing threads that create files). Read
+    each time: writes are few, and a caller may change it between builds."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def file_mode() -> int:
+    return 0o666 & ~umask()
+
+
+def make_dir_public(path: Path) -> None:
+    """A mkdtemp folder gets the mode mkdir would give it (keeping a setgid bit inherited from a shared parent)."""
+    os.chmod(path, (os.stat(path).st_mode & 0o7000) | (0o777 & ~umask()))
+
+
+def mkdtemp(prefix: str, dir: Path | None) -> Path:
+    """A new private-named folder with the umask's mode (tempfile.mkdtemp's are 0700)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=dir))
+    make_dir_public(path)
+    return path
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, file_mode())
+    except BaseException:
+        os.close(fd)
+        with _suppress():
+            os.unlink(tmp)
+        raise
+    return fd, tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -28,10 +75,8 @@ def atomic_write_json(path: Path, obj: object) -> None:
 
 def atomic_copy(src: Path, dst: Path) -> None:
     import shutil
-    import tempfile
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(dst)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)

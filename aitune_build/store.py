@@ -1,13 +1,15 @@
 """The content-addressed artifact store. Knows nothing of torch.
 
-    <cache>/store-v1/CACHEDIR.TAG
+    <cache>/CACHEDIR.TAG, <cache>/.gitignore ("*")
     <cache>/store-v1/objects/<key[:2]>/<key>/{<artifact files>, entry.json}
     <cache>/store-v1/locks/<key>.lock, gpu-<uuid>.lock (gpus.GpuPool: one compile per GPU)
     <cache>/store-v1/tmp/
 
 An entry is a folder built under tmp/ and renamed into place, so readers never see half of one. entry.json, written
 last, lists every file's size and digests; an entry whose files don't match it is corrupt: discarded with a warning,
-never served. One lock per key: two processes never build the same key twice.
+never served. One lock per key: two processes never build the same key twice. Files and folders get the umask's
+modes, so a team shares a cache through a group-writable setgid folder and umask 002; a cache this process cannot
+write is read only, and builds go to a private temp folder. Opening the store removes older store-v*/state-v*.
 """
 
 from __future__ import annotations
@@ -23,16 +25,51 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from filelock import FileLock
 
-from .fsutil import atomic_write_json, read_json
-from .hashing import StateCache, hash_file, sha256_file
+from .fsutil import atomic_write_bytes, atomic_write_json, mkdtemp, read_json
+from .hashing import STATE_VERSION, StateCache, hash_file, sha256_file
 
-STORE_DIR = "store-v1"
+STORE_VERSION = 1
+STORE_DIR = f"store-v{STORE_VERSION}"
 ENTRY_FORMAT = 1
 CACHEDIR_TAG = (
     "Signature: 8a477f597d28d172789f06886806bc55\n"
     "# This file is a cache directory tag created by aitune-build.\n"
     "# For information about cache directory tags see https://bford.info/cachedir/\n"
 )
+
+
+def _writable(store: Path) -> bool:
+    """Whether this process can create the store's folders and write into them (False for a read-only mount or a
+    team cache this user may only read)."""
+    try:
+        for sub in ("objects", "locks", "tmp"):
+            (store / sub).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return all(os.access(store / sub, os.W_OK | os.X_OK) for sub in ("objects", "locks", "tmp"))
+
+
+def _prune_old_versions(cache_dir: Path) -> None:
+    """Remove the stores and state files of older formats, which nothing reads any more (as uv prunes old buckets).
+    One listing of the cache root, done when the store is opened (a no-op build never opens it)."""
+    import re
+
+    try:
+        names = os.listdir(cache_dir)
+    except OSError:
+        return
+    for name in names:
+        store = re.fullmatch(r"store-v(\d+)", name)
+        state = re.fullmatch(r"state-v(\d+)\.json", name)
+        try:
+            if store and int(store[1]) < STORE_VERSION:
+                trash = cache_dir / STORE_DIR / "tmp" / f"rm-{name}-{os.getpid()}-{time.monotonic_ns()}"
+                os.replace(cache_dir / name, trash)  # gone at once for other readers; deleted below
+                shutil.rmtree(trash, ignore_errors=True)
+            elif state and int(state[1]) < STATE_VERSION:
+                os.unlink(cache_dir / name)
+        except OSError:
+            pass
 
 
 class CorruptEntry(UserWarning):
@@ -57,16 +94,15 @@ class ArtifactStore:
     def __init__(self, cache_dir: Path, state: StateCache | None = None, readonly: bool = False):
         self.root = cache_dir / STORE_DIR
         self.state = state or StateCache(None)
-        self.readonly = readonly
-        if not readonly:
-            for sub in ("objects", "locks", "tmp"):
-                (self.root / sub).mkdir(parents=True, exist_ok=True)
-            tag = self.root.parent / "CACHEDIR.TAG"
-            if not tag.exists():
-                try:
-                    tag.write_text(CACHEDIR_TAG)
-                except OSError:
-                    pass
+        self.readonly = readonly or not _writable(self.root)  # a cache we may not write: read it, build in a private temp
+        if not self.readonly:
+            for name, text in (("CACHEDIR.TAG", CACHEDIR_TAG), (".gitignore", "*\n")):
+                if not (cache_dir / name).exists():
+                    try:
+                        atomic_write_bytes(cache_dir / name, text.encode())
+                    except OSError:
+                        pass
+            _prune_old_versions(cache_dir)
 
     def _dir(self, key: str) -> Path:
         return self.root / "objects" / key[:2] / key
@@ -105,10 +141,9 @@ class ArtifactStore:
         return Entry(key=key, path=path, files=entry["files"], meta=entry.get("meta", {}))
 
     def new_tmp(self) -> Path:
-        base = self.root / "tmp" if not self.readonly else None
-        import tempfile
-
-        return Path(tempfile.mkdtemp(prefix="build-", dir=base))
+        """A folder to build into: under the store (renamed into place, same filesystem), or a private one in the
+        system temp folder when the cache is read-only (outputs are copied from it, never renamed)."""
+        return mkdtemp("build-", self.root / "tmp" if not self.readonly else None)
 
     def put(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry:
         """Move a finished build folder into the store under key (replacing any entry there)."""

@@ -101,7 +101,8 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
 
     def go() -> int:
         from . import lockfile
-        from .executor import FAILED, BuildOptions, build
+        from .executor import BuildOptions, build
+        from .status import Status
         from .plan import select
         from .project import survey
 
@@ -131,7 +132,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         if not cache_readonly and not locked:
             lockfile.update(project, results)
         drift = lockfile.artifact_drift(project, results) if locked else {}
-        summary = {s: sum(r.status == s for r in results) for s in ("built", "cached", "failed", "skipped")}
+        summary = {s.value: sum(r.status == s for r in results) for s in Status}
         summary["seconds"] = round(reporter.elapsed(), 3)
         if as_json:
             doc = {"targets": [r.as_json() for r in results], "summary": summary}
@@ -141,7 +142,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         else:
             click.echo(", ".join(f"{v} {k}" for k, v in summary.items() if k != "seconds") + f" in {summary['seconds']:.2f}s")
             _emit_drift(drift)
-        failed = [r for r in results if r.status == FAILED]
+        failed = [r for r in results if r.status == Status.FAILED]
         if any(r.error == "user" for r in failed):
             return EXIT_USAGE
         # A deterministic backend that built other bytes than the lock pins is not reproducible: --locked fails.

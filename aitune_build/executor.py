@@ -18,13 +18,14 @@ from .keys import key_of
 from .manifest import to_json
 from .outputs import LOG, CorruptCopy, current_record, materialise, read_record
 from .project import Project
+from .status import Status
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from .gpus import GpuPool
 
-BUILT, CACHED, FAILED, SKIPPED = "built", "cached", "failed", "skipped"
+BUILT, CACHED, FAILED, SKIPPED = Status.BUILT, Status.CACHED, Status.FAILED, Status.SKIPPED
 
 
 @dataclass
@@ -39,7 +40,7 @@ class BuildOptions:
 @dataclass
 class TargetResult:
     name: str
-    status: str
+    status: Status
     key: str | None = None
     seconds: float = 0.0
     reason: str = ""

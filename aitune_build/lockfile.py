@@ -12,6 +12,7 @@ from typing import Any
 
 from .fsutil import atomic_write_bytes, read_json
 from .keys import canonical_json, diff_components, key_of
+from .status import DONE
 from .project import Project
 
 LOCK_FORMAT = 1
@@ -59,7 +60,7 @@ def update(project: Project, results: list[Any]) -> None:
     targets = {n: e for n, e in lock["targets"].items() if n in project.manifest.model.targets}
     changed = len(targets) != len(lock["targets"])
     for r in results:
-        if r.status in ("built", "cached") and r.record.get("files"):
+        if r.status in DONE and r.record.get("files"):
             old = targets.get(r.name)
             art = r.record["files"][r.record["artifact"]]
             if old is not None and old["key"] == r.record["key"] and old["artifact"]["sha256"] == art["sha256"]:
@@ -117,7 +118,7 @@ def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, 
     out: dict[str, dict[str, Any]] = {}
     for r in results:
         entry = locked.get(r.name)
-        if r.status not in ("built", "cached") or entry is None or entry["key"] != r.key or not r.record.get("files"):
+        if r.status not in DONE or entry is None or entry["key"] != r.key or not r.record.get("files"):
             continue
         got = r.record["files"][r.record["artifact"]]["sha256"]
         if got != entry["artifact"]["sha256"]:

@@ -62,10 +62,11 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
 
         order = select(project.manifest.model, [target])  # raises the "did you mean" error for unknown names
         if build:
-            from .executor import FAILED, BuildOptions, build as run_build
+            from .executor import BuildOptions, build as run_build
+            from .status import DONE
 
             results = run_build(project, order, BuildOptions(named=(target,)))
-            bad = [r for r in results if r.status in (FAILED, "skipped")]
+            bad = [r for r in results if r.status not in DONE]
             if bad:
                 raise AituneError(f"building {bad[0].name} {bad[0].status}: {bad[0].reason}")
         folder = project.target_dir(target)

@@ -14,9 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
-from .keys import key_of
 from .manifest import to_json
-from .outputs import LOG, CorruptCopy, current_record, materialise, read_record
+from .outputs import LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
 from .project import Project
 from .status import Status
 
@@ -223,11 +222,10 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult], forc
     config = man.backends[spec.backend]
     upstream_file = upstream_digest = None
     if spec.from_ is not None:
-        up_rec = results[spec.from_].record
-        upstream_file = project.target_dir(spec.from_) / up_rec["artifact"]
-        upstream_digest = up_rec["files"][up_rec["artifact"]]["xxh3"]
-    comps = project.fingerprinter.components(name, upstream_digest)
-    key = key_of(comps)
+        up_rec = BuildRecord(results[spec.from_].record)
+        upstream_file = project.target_dir(spec.from_) / up_rec.artifact
+        upstream_digest = up_rec.artifact_digest()
+    key, comps = project.fingerprinter.key(name, upstream_digest)
     current = None if force else current_record(project.target_dir(name), key, project.state)
     return _Job(name, backend_for(config.kind)(config), comps, key, upstream_file, current)
 
@@ -369,7 +367,7 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
             raise ReproducibilityError(f"rebuild for the reproducibility check failed: {outcome.get('message')}")
         from .hashing import sha256_file
 
-        want = res.record["files"][backend.artifact]["sha256"]
+        want = BuildRecord(res.record).artifact_sha256()
         got = sha256_file(tmp / backend.artifact)
         if got != want:
             raise ReproducibilityError(f"not reproducible: a rebuild gave {backend.artifact} sha256 {got[:16]}…, the cache holds {want[:16]}…")

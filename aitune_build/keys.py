@@ -105,6 +105,12 @@ class Fingerprinter:
         self._module_sources(module_name)
         return self._imports[module_name]
 
+    def key(self, target: str, upstream_artifact: str | None = None) -> tuple[str, dict[str, Any]]:
+        """(key, components) of target; upstream_artifact: the xxh3 of its `from` upstream's artifact (from a build
+        record, or as aitune.lock pins it)."""
+        comps = self.components(target, upstream_artifact)
+        return key_of(comps), comps
+
     def components(self, target: str, upstream_artifact: str | None = None) -> dict[str, Any]:
         man = self.manifest.model
         spec = man.targets[target]

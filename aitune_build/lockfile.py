@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import atomic_write_bytes, read_json
-from .keys import canonical_json, diff_components, key_of
+from .keys import canonical_json, diff_components
+from .outputs import BuildRecord
 from .status import DONE
 from .project import Project
 
@@ -39,7 +40,7 @@ def component_digests(components: dict[str, Any]) -> dict[str, Any]:
 
 
 def entry_for(record: dict[str, Any]) -> dict[str, Any]:
-    art = record["files"][record["artifact"]]
+    art = BuildRecord(record).artifact_file()
     return {
         "key": record["key"],
         "backend": record["backend"],
@@ -62,8 +63,8 @@ def update(project: Project, results: list[Any]) -> None:
     for r in results:
         if r.status in DONE and r.record.get("files"):
             old = targets.get(r.name)
-            art = r.record["files"][r.record["artifact"]]
-            if old is not None and old["key"] == r.record["key"] and old["artifact"]["sha256"] == art["sha256"]:
+            rec = BuildRecord(r.record)
+            if old is not None and old["key"] == rec.key and old["artifact"]["sha256"] == rec.artifact_sha256():
                 continue  # the key covers every component: the entry would come out the same
             targets[r.name] = entry_for(r.record)
             changed = True
@@ -80,8 +81,7 @@ def _locked_key(project: Project, name: str, locked: dict[str, Any]) -> tuple[st
     up_digest = None
     if up is not None and up in locked:
         up_digest = locked[up]["artifact"]["xxh3"]
-    comps = project.fingerprinter.components(name, up_digest)
-    return key_of(comps), comps
+    return project.fingerprinter.key(name, up_digest)
 
 
 def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
@@ -120,7 +120,7 @@ def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, 
         entry = locked.get(r.name)
         if r.status not in DONE or entry is None or entry["key"] != r.key or not r.record.get("files"):
             continue
-        got = r.record["files"][r.record["artifact"]]["sha256"]
+        got = BuildRecord(r.record).artifact_sha256()
         if got != entry["artifact"]["sha256"]:
             kind = man.backends[man.targets[r.name].backend].kind
             out[r.name] = {"locked": entry["artifact"]["sha256"], "built": got, "deterministic": backend_for(kind).deterministic,

@@ -24,6 +24,41 @@ class CorruptCopy(Exception):
     pass
 
 
+class BuildRecord:
+    """A build.json (or a lock's or store entry's copy of it), typed where code reads it. `data` stays the plain
+    JSON object that is written, compared and printed."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+
+    @property
+    def key(self) -> str | None:
+        return self.data.get("key")
+
+    @property
+    def artifact(self) -> str:
+        return self.data["artifact"]
+
+    @property
+    def files(self) -> dict[str, dict[str, Any]]:
+        return self.data.get("files", {})
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return self.data.get("components", {})
+
+    def artifact_file(self) -> dict[str, Any]:
+        """The main artifact's {size, xxh3, sha256}."""
+        return self.files[self.artifact]
+
+    def artifact_digest(self) -> str:
+        """The main artifact's xxh3: what a `from` target's key takes from its upstream."""
+        return self.artifact_file()["xxh3"]
+
+    def artifact_sha256(self) -> str:
+        return self.artifact_file()["sha256"]
+
+
 def read_record(folder: Path) -> dict[str, Any] | None:
     rec = read_json(folder / RECORD)
     return rec if rec is not None and rec.get("format") == BUILD_FORMAT else None

@@ -106,8 +106,7 @@ class Survey:
 
 def survey(project: Project, order: list[str]) -> dict[str, Survey]:
     """Key, previous build and staleness of each target in order (upstreams first). Reads files; builds nothing."""
-    from .keys import key_of
-    from .outputs import holds, read_record
+    from .outputs import BuildRecord, holds, read_record
     from .plan import assess
 
     man = project.manifest.model
@@ -123,13 +122,11 @@ def survey(project: Project, order: list[str]) -> dict[str, Survey]:
             if up_survey.staleness.stale:
                 upstream_stale = up
             else:
-                rec = up_survey.previous
-                upstream_digest = rec["files"][rec["artifact"]]["xxh3"]
+                upstream_digest = BuildRecord(up_survey.previous).artifact_digest()
         if upstream_stale is not None:
             found[name] = Survey(name, None, None, previous, assess(None, None, previous, False, upstream_stale))
             continue
-        comps = project.fingerprinter.components(name, upstream_digest)
-        key = key_of(comps)
+        key, comps = project.fingerprinter.key(name, upstream_digest)
         current = holds(folder, previous, key, project.state)
         found[name] = Survey(name, key, comps, previous, assess(key, comps, previous, current))
     return found

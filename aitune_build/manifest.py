@@ -10,7 +10,6 @@ cycle and file checks run on every load. Nothing here imports torch. Every user 
 from __future__ import annotations
 
 import ast
-import re
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -18,27 +17,15 @@ from typing import Any, ClassVar, Protocol
 import xxhash
 
 from .errors import ManifestError, did_you_mean
+from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE  # noqa: F401  (re-exported)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
-DEFAULT_CACHE_DIR = ".aitune"
-BACKEND_KINDS = ("export", "inductor_aot", "inductor_jit", "eager", "torch_tensorrt_jit", "torch_tensorrt_aot")
-
-# torch dtype names accepted in input specs, mapped to the canonical torch attribute (no torch import needed).
-DTYPES = {
-    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
-    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
-    "int8": "int8", "int16": "int16", "int32": "int32", "int": "int32", "int64": "int64", "long": "int64",
-    "uint8": "uint8", "bool": "bool", "complex64": "complex64", "complex128": "complex128",
-}
-
 # A validated manifest is remembered by the digest of its bytes and of the code that validates it.
-_VALIDATOR_FILES = (Path(__file__).with_name("schema.py"), Path(__file__))
+_VALIDATOR_FILES = (Path(__file__).with_name("schema.py"), Path(__file__).with_name("vocabulary.py"), Path(__file__))
 
 
 class Spec:

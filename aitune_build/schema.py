@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from .errors import ManifestError, did_you_mean
-from .manifest import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE
+from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["float32", "float16", "bfloat16"]
@@ -50,7 +50,7 @@ class Axis(_Table):
         return self
 
 
-class InputSpec(_Table):
+class InputModel(_Table):
     name: str = Field(description="Parameter name of forward().")
     shape: list[Annotated[int, Field(ge=0)] | Axis]
     dtype: str = Field("float32", description="torch dtype name, e.g. float32, int64, bool.")
@@ -77,7 +77,7 @@ class ModuleSpec(_Table):
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the factory.")
     weights: str | None = Field(None, description="state_dict file, loaded with weights_only=True.")
     sources: list[str] = Field(default_factory=list, description="Extra file globs that belong to the key.")
-    inputs: list[InputSpec] = Field(min_length=1)
+    inputs: list[InputModel] = Field(min_length=1)
 
     @field_validator("factory")
     @classmethod

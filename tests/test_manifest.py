@@ -101,7 +101,7 @@ def test_runtime_specs_have_the_schema_fields() -> None:
     """manifest.py's frozen specs and schema.py's pydantic models describe one contract: same tables, same fields."""
     from aitune_build import manifest, schema
 
-    pairs = [(schema.Project, manifest.ProjectSettings), (schema.Axis, manifest.Axis), (schema.InputSpec, manifest.InputSpec),
+    pairs = [(schema.Project, manifest.ProjectSettings), (schema.Axis, manifest.Axis), (schema.InputModel, manifest.InputSpec),
              (schema.ModuleSpec, manifest.ModuleSpec), (schema.CheckSpec, manifest.CheckSpec),
              (schema.TargetSpec, manifest.TargetSpec), (schema.Manifest, manifest.Manifest)]
     pairs += [(schema.TypeAdapter(schema.BackendConfig).validate_python({"kind": k}).__class__, manifest.BACKEND_CONFIGS[k])

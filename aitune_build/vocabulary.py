@@ -1,0 +1,19 @@
+"""The manifest's vocabulary, shared by the frozen specs (manifest.py) and the pydantic models (schema.py), so that
+neither imports the other for it: manifest.py imports schema.py (lazily, to validate), schema.py only this."""
+
+from __future__ import annotations
+
+import re
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
+DEFAULT_CACHE_DIR = ".aitune"
+BACKEND_KINDS = ("export", "inductor_aot", "inductor_jit", "eager", "torch_tensorrt_jit", "torch_tensorrt_aot")
+
+# torch dtype names accepted in input specs, mapped to the canonical torch attribute (no torch import needed).
+DTYPES = {
+    "float32": "float32", "float": "float32", "float64": "float64", "double": "float64",
+    "float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+    "int8": "int8", "int16": "int16", "int32": "int32", "int": "int32", "int64": "int64", "long": "int64",
+    "uint8": "uint8", "bool": "bool", "complex64": "complex64", "complex128": "complex128",
+}

@@ -51,9 +51,12 @@ class _Ctx:
         return Path(self.manifest or "aitune.toml")
 
     def open(self, readonly_cache: bool = False, gpus: str | None = None, gpu_model: str | None = None) -> Any:
+        """The project, closed (its stat cache saved) when the command ends, however it ends."""
         from .project import Project
 
-        return Project.open(self.manifest_path(), readonly_cache=readonly_cache, gpus=gpus, gpu_model=gpu_model)
+        project = Project.open(self.manifest_path(), readonly_cache=readonly_cache, gpus=gpus, gpu_model=gpu_model)
+        click.get_current_context().call_on_close(project.close)
+        return project
 
 
 def _run(fn: Any) -> None:

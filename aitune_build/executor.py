@@ -195,8 +195,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
         if pool is not None:
             pool.shutdown(wait=True)
         runner.close()
-    project.close()
-    return [results[n] for n in order]
+    return [results[n] for n in order]  # the project is its opener's to close
 
 
 def _gpu_bound(man: Any, name: str) -> bool:

@@ -77,8 +77,15 @@ class Project:
         return self.out_dir / target
 
     def close(self) -> None:
+        """Save the stat cache (a read-only cache is left as it is). The project stays usable."""
         if not self.readonly_cache:
             self.state.save()
+
+    def __enter__(self) -> Project:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _remembered(state: StateCache, digest: str) -> Manifest | None:

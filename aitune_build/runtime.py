@@ -66,6 +66,7 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
             from .status import DONE
 
             results = run_build(project, order, BuildOptions(named=(target,)))
+            project.close()  # saves the stat cache; the project stays usable
             bad = [r for r in results if r.status not in DONE]
             if bad:
                 raise AituneError(f"building {bad[0].name} {bad[0].status}: {bad[0].reason}")

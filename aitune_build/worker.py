@@ -38,12 +38,22 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": "unavailable", "message": reason}
     torch.manual_seed(0)
     timings: dict[str, float] = {}
+    reference = make_module(m, module_name, mod_spec, config.device)
+
+    def module_for_backend() -> Any:
+        """The eager module is constructed once (large models: memory and start-up time); a backend that changes
+        the module it is given gets a copy, so the reference stays what the factory made."""
+        if backend.mutates_module:
+            import copy
+
+            return copy.deepcopy(reference)
+        return reference
+
     ctx = BuildContext(
         config=config, inputs=mod_spec.inputs, root=m.root, artifact_dir=Path(job["artifact_dir"]),
-        make_module=lambda: make_module(m, module_name, mod_spec, config.device),
+        make_module=module_for_backend,
         upstream=Path(job["upstream"]) if job.get("upstream") else None, extra={"backend_name": target.backend},
     )
-    reference = make_module(m, module_name, mod_spec, config.device)
     t0 = time.perf_counter()
     record = backend.build(ctx)
     timings["build"] = time.perf_counter() - t0

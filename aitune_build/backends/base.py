@@ -52,6 +52,9 @@ class Backend:
     deterministic: ClassVar[bool] = False
     # Bumped when this backend's output changes for the same inputs, so that keys (and cache entries) change too.
     revision: ClassVar[int] = 1
+    # Whether build() changes the eager module it is given (casts it in place, fuses it): it then gets a copy of the
+    # worker's reference module instead of the module itself.
+    mutates_module: ClassVar[bool] = False
 
     @property
     def exported_program(self) -> bool:

@@ -15,6 +15,7 @@ class TorchTensorRTJitBackend(Backend):
     kind = "torch_tensorrt_jit"
     artifact = "record.json"
     libraries = trt.LIBRARIES
+    mutates_module = True  # module.to(cast dtype) casts in place
 
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())

@@ -185,15 +185,16 @@ class TorchTensorRTAotConfig(_TorchTensorRT):
     output_format: str
 
 
-BACKEND_CONFIGS: dict[str, type] = {
-    "export": ExportConfig, "inductor_aot": InductorAotConfig, "inductor_jit": InductorJitConfig,
-    "eager": EagerConfig, "torch_tensorrt_jit": TorchTensorRTJitConfig, "torch_tensorrt_aot": TorchTensorRTAotConfig,
-}
+def config_class(kind: str) -> type:
+    """The frozen config class of a backend kind, as its backend class names it."""
+    from .backends import backend_for
+
+    return globals()[backend_for(kind).config_class]
 
 
 def backend_config(d: dict[str, Any]) -> BackendConfig:
     """A backend config from its normalised JSON (a manifest's, or a build.json's key components)."""
-    return BACKEND_CONFIGS[d["kind"]](**d)
+    return config_class(d["kind"])(**d)
 
 
 class CheckSpec(Spec):
@@ -329,13 +330,15 @@ def _check_references(m: LoadedManifest) -> None:
             if t.from_ == name:
                 raise m.error(f"{key}.from", "a target cannot take its own artifact")
     _check_cycles(m)
+    from .backends import backend_for
+
     for name, t in man.targets.items():
         if t.from_ is not None:
             up_kind = man.backends[man.targets[t.from_].backend].kind
             kind = man.backends[t.backend].kind
-            if up_kind != "export":
+            if not backend_for(up_kind).feeds_from:
                 raise m.error(f"targets.{name}.from", f"target '{t.from_}' has backend kind '{up_kind}'; 'from' takes an export target's .pt2")
-            if kind not in ("inductor_aot", "torch_tensorrt_aot", "torch_tensorrt_jit", "inductor_jit", "eager"):
+            if not backend_for(kind).takes_from:
                 raise m.error(f"targets.{name}.backend", f"backend kind '{kind}' cannot take its input from another target")
 
 

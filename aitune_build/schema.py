@@ -150,10 +150,14 @@ class TorchTensorRTAotConfig(_TorchTensorRT):
     output_format: Literal["exported_program", "torchscript", "aot_inductor"] = "exported_program"
 
 
-BackendConfig = Annotated[
-    Union[ExportConfig, InductorAotConfig, InductorJitConfig, EagerConfig, TorchTensorRTJitConfig, TorchTensorRTAotConfig],
-    Field(discriminator="kind"),
-]
+def _backend_models() -> tuple[type, ...]:
+    """Each registered kind's model, named by its backend class (vocabulary.BACKENDS is the one registration)."""
+    from .backends import backend_for
+
+    return tuple(globals()[backend_for(k).config_class] for k in BACKEND_KINDS)
+
+
+BackendConfig = Annotated[Union[_backend_models()], Field(discriminator="kind")]
 
 
 class CheckSpec(_Table):

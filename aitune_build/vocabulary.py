@@ -8,7 +8,17 @@ import re
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 DEFAULT_CACHE_DIR = ".aitune"
-BACKEND_KINDS = ("export", "inductor_aot", "inductor_jit", "eager", "torch_tensorrt_jit", "torch_tensorrt_aot")
+# The one registration of a backend kind: its class in aitune_build/backends/. Everything else about a kind (its
+# config class in manifest.py and schema.py, whether it takes `from`, its toolchain) is declared on that class.
+BACKENDS = {
+    "export": "export:ExportBackend",
+    "inductor_aot": "inductor_aot:InductorAotBackend",
+    "inductor_jit": "inductor_jit:InductorJitBackend",
+    "eager": "eager:EagerBackend",
+    "torch_tensorrt_jit": "torch_tensorrt_jit:TorchTensorRTJitBackend",
+    "torch_tensorrt_aot": "torch_tensorrt_aot:TorchTensorRTAotBackend",
+}
+BACKEND_KINDS = tuple(BACKENDS)
 
 # torch dtype names accepted in input specs, mapped to the canonical torch attribute (no torch import needed).
 DTYPES = {

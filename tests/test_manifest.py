@@ -104,10 +104,10 @@ def test_runtime_specs_have_the_schema_fields() -> None:
     pairs = [(schema.Project, manifest.ProjectSettings), (schema.Axis, manifest.Axis), (schema.InputModel, manifest.InputSpec),
              (schema.ModuleSpec, manifest.ModuleSpec), (schema.CheckSpec, manifest.CheckSpec),
              (schema.TargetSpec, manifest.TargetSpec), (schema.Manifest, manifest.Manifest)]
-    pairs += [(schema.TypeAdapter(schema.BackendConfig).validate_python({"kind": k}).__class__, manifest.BACKEND_CONFIGS[k])
+    pairs += [(schema.TypeAdapter(schema.BackendConfig).validate_python({"kind": k}).__class__, manifest.config_class(k))
               for k in manifest.BACKEND_KINDS if k not in ("torch_tensorrt_jit", "torch_tensorrt_aot")]
     pairs += [(schema.TorchTensorRTJitConfig, manifest.TorchTensorRTJitConfig), (schema.TorchTensorRTAotConfig, manifest.TorchTensorRTAotConfig)]
-    assert set(manifest.BACKEND_CONFIGS) == set(manifest.BACKEND_KINDS)
+    assert {manifest.config_class(k).__name__ for k in manifest.BACKEND_KINDS} == {m.__name__ for m in schema._backend_models()}
     for model, spec in pairs:
         assert set(model.model_fields) == set(spec.fields), (model.__name__, spec.__name__)
 

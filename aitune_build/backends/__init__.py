@@ -7,16 +7,8 @@ from __future__ import annotations
 
 import importlib
 
+from ..vocabulary import BACKENDS as _KINDS
 from .base import Backend, BuildContext
-
-_KINDS = {
-    "export": "export:ExportBackend",
-    "inductor_aot": "inductor_aot:InductorAotBackend",
-    "inductor_jit": "inductor_jit:InductorJitBackend",
-    "eager": "eager:EagerBackend",
-    "torch_tensorrt_jit": "torch_tensorrt_jit:TorchTensorRTJitBackend",
-    "torch_tensorrt_aot": "torch_tensorrt_aot:TorchTensorRTAotBackend",
-}
 
 
 def backend_for(kind: str) -> type[Backend]:

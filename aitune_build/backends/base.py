@@ -45,6 +45,10 @@ class BuildContext:
 
 class Backend:
     kind: ClassVar[str]
+    # The name of this kind's config: a frozen spec in manifest.py and a pydantic model in schema.py.
+    config_class: ClassVar[str]
+    takes_from: ClassVar[bool] = False  # may compile another target's artifact (a `from` edge)
+    feeds_from: ClassVar[bool] = False  # its artifact may be another target's `from` input
     artifact: ClassVar[str]  # the main file written into artifact_dir
     # Distributions whose versions go into the key; each entry lists alternative names of one library.
     libraries: ClassVar[tuple[tuple[str, ...], ...]] = ()

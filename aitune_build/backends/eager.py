@@ -9,6 +9,8 @@ from .base import Backend, BuildContext
 
 class EagerBackend(Backend):
     kind = "eager"
+    config_class = "EagerConfig"
+    takes_from = True
     artifact = "record.json"
     deterministic = True
 

@@ -19,6 +19,8 @@ def export_program(module: Any, ctx: BuildContext, strict: bool = False) -> Any:
 
 class ExportBackend(Backend):
     kind = "export"
+    config_class = "ExportConfig"
+    feeds_from = True  # an ExportedProgram: the input of inductor_aot and Torch-TensorRT targets
     artifact = "model.pt2"
     deterministic = True
     revision = 2  # 2: stack traces (absolute source paths) left out of the saved program

@@ -10,6 +10,8 @@ from .export import export_program
 
 class InductorAotBackend(Backend):
     kind = "inductor_aot"
+    config_class = "InductorAotConfig"
+    takes_from = True
     artifact = "model.pt2"
     deterministic = False  # measured: two builds differ (docs/reproducibility.md)
 

@@ -9,6 +9,8 @@ from .base import Backend, BuildContext
 
 class InductorJitBackend(Backend):
     kind = "inductor_jit"
+    config_class = "InductorJitConfig"
+    takes_from = True
     artifact = "record.json"
 
     def _compile(self, ctx: BuildContext):

@@ -13,6 +13,8 @@ _FILES = {"exported_program": "model.pt2", "torchscript": "model.ts", "aot_induc
 
 class TorchTensorRTAotBackend(Backend):
     kind = "torch_tensorrt_aot"
+    config_class = "TorchTensorRTAotConfig"
+    takes_from = True
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
     deterministic = False  # TensorRT picks tactics by timing

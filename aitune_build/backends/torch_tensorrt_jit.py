@@ -13,6 +13,8 @@ ENGINE_CACHE = "engine_cache"
 
 class TorchTensorRTJitBackend(Backend):
     kind = "torch_tensorrt_jit"
+    config_class = "TorchTensorRTJitConfig"
+    takes_from = True
     artifact = "record.json"
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place

@@ -180,7 +180,7 @@ def _dry_run(found: dict[str, Any], as_json: bool) -> int:
     rows = []
     for name, s in found.items():
         rows.append({"name": name, "status": "would-build" if s.staleness.stale else "up-to-date", "key": s.key,
-                     "reasons": s.staleness.reasons})
+                     "reasons": s.staleness.reasons, "changes": s.staleness.changes})
     if as_json:
         click.echo(json.dumps({"targets": rows}, indent=2))
     else:
@@ -271,7 +271,7 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
         lock_diff = lockfile.compare(project, found)
         project.close()
         rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
-                 "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
+                 "changes": s.staleness.changes, "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
         if as_json:
             click.echo(json.dumps({"targets": rows}, indent=2))
         else:
@@ -292,8 +292,9 @@ def explain(obj: _Ctx, target: str, as_json: bool) -> None:
     """Which key components changed since TARGET's last build: the answer to "why did this rebuild?"."""
 
     def go() -> int:
-        from .keys import diff_components
+        from .keys import component_changes
         from .outputs import read_record
+        from .reasons import NEVER_BUILT, describe
         from .plan import select
         from .project import survey
 
@@ -302,20 +303,21 @@ def explain(obj: _Ctx, target: str, as_json: bool) -> None:
         project.close()
         last = read_record(project.target_dir(target))
         if found.components is None:
-            changes = found.staleness.reasons
+            changes = found.staleness.changes
         elif last is None:
-            changes = ["never built"]
+            changes = [NEVER_BUILT]
         else:
-            changes = diff_components(last.get("components", {}), found.components)
+            changes = component_changes(last.get("components", {}), found.components)
         if as_json:
             click.echo(json.dumps({"name": target, "state": found.staleness.state, "key": found.key,
-                                   "previous_key": last.get("key") if last else None, "changes": changes}, indent=2))
+                                   "previous_key": last.get("key") if last else None, "changes": changes,
+                                   "reasons": [describe(c) for c in changes]}, indent=2))
         else:
             click.echo(f"{target}: {found.staleness.state}")
             if last and found.key and last.get("key") != found.key:
                 click.echo(f"  key {last.get('key')} -> {found.key}")
-            for line in changes:
-                click.echo(f"  {line}")
+            for c in changes:
+                click.echo(f"  {describe(c)}")
             if not changes and not found.staleness.stale:
                 click.echo("  nothing changed since the last build")
         return EXIT_OK

@@ -152,39 +152,28 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: obj}
 
 
-_FILE_TABLES = ("sources.", "weights.", "samples.")
-_PACKAGES = "packages."
+def component_changes(old: dict[str, Any], new: dict[str, Any]) -> list[dict[str, Any]]:
+    """One structured change (reasons.change) per differing leaf of two sets of key components."""
+    from .reasons import change
 
-
-def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human lines, one per changed leaf: 'models/helpers.py changed', 'backend.strict: false -> true'."""
     a, b = flatten(old), flatten(new)
-    lines: list[str] = []
+    out: list[dict[str, Any]] = []
     for k in sorted(a.keys() | b.keys()):
         if a.get(k, _MISSING) == b.get(k, _MISSING) or (k == "packages" and {} in (a.get(k), b.get(k))):
             continue  # an empty packages table gaining its first entry is said by that entry
-        is_file = k.startswith(_FILE_TABLES)
-        name = k.split(".", 1)[1] if is_file else k
-        if k.startswith(_PACKAGES):
-            dist = k[len(_PACKAGES):]
-            lines.append(f"{dist} {a[k]} -> {b[k]}" if k in a and k in b else
-                         f"{dist} {b[k]} added" if k in b else f"{dist} {a[k]} removed")
-        elif k not in a:
-            lines.append(f"{name} added" if is_file else f"{k}: added ({_show(b[k])})")
-        elif k not in b:
-            lines.append(f"{name} removed" if is_file else f"{k}: removed (was {_show(a[k])})")
-        elif is_file:
-            lines.append(f"{name} changed")
-        elif k == "upstream.artifact":
-            lines.append("upstream artifact changed")
-        else:
-            lines.append(f"{k}: {_show(a[k])} -> {_show(b[k])}")
-    return lines
+        comp, _, path = k.partition(".")
+        if "[" in comp:  # a list-valued component: "name[0]"
+            comp, path = comp.split("[", 1)[0], "[" + comp.split("[", 1)[1] + (f".{path}" if path else "")
+        what = "added" if k not in a else "removed" if k not in b else "changed"
+        out.append(change(comp, path or None, what, a.get(k), b.get(k)))
+    return out
+
+
+def diff_components(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """component_changes as text: 'models/helpers.py changed', 'backend.strict: false -> true'."""
+    from .reasons import describe
+
+    return [describe(c) for c in component_changes(old, new)]
 
 
 _MISSING = object()
-
-
-def _show(v: Any) -> str:
-    return json.dumps(v) if not isinstance(v, str) else v
-

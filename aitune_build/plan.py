@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UserError, did_you_mean
-from .keys import diff_components
+from . import reasons
+from .keys import component_changes
 from .manifest import Manifest
 
 
@@ -35,14 +36,22 @@ def select(man: Manifest, names: list[str] | tuple[str, ...]) -> list[str]:
 
 @dataclass(frozen=True)
 class Staleness:
-    """Whether a target's output is current, and if not, why (one line per changed component)."""
+    """Whether a target's output is current, and if not, why (one structured change per changed component leaf:
+    see reasons.py)."""
 
     state: str  # "up-to-date" | "stale" | "never-built"
-    reasons: list[str] = field(default_factory=list)
+    changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def stale(self) -> bool:
         return self.state != "up-to-date"
+
+    @property
+    def reasons(self) -> list[str]:
+        """The changes as text lines."""
+        from .reasons import describe
+
+        return [describe(c) for c in self.changes]
 
 
 def assess(key: str | None, components: dict[str, Any] | None, previous: dict[str, Any] | None, current: bool,
@@ -50,12 +59,12 @@ def assess(key: str | None, components: dict[str, Any] | None, previous: dict[st
     """key/components: what the inputs give now (None when an upstream must rebuild first);
     previous: the last build.json; current: whether the output folder holds an intact build of key."""
     if upstream_stale is not None:
-        return Staleness("stale" if previous else "never-built", [f"upstream '{upstream_stale}' will rebuild"])
+        return Staleness("stale" if previous else "never-built", [reasons.upstream_rebuilds(upstream_stale)])
     if previous is None:
-        return Staleness("never-built", ["never built"])
+        return Staleness("never-built", [reasons.NEVER_BUILT])
     if current:
         return Staleness("up-to-date")
     if previous.get("key") == key:
-        return Staleness("stale", ["output files are missing or modified"])
-    reasons = diff_components(previous.get("components", {}), components or {})
-    return Staleness("stale", reasons or ["key schema changed"])
+        return Staleness("stale", [reasons.OUTPUTS_MODIFIED])
+    changes = component_changes(previous.get("components", {}), components or {})
+    return Staleness("stale", changes or [reasons.KEY_SCHEMA])

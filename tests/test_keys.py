@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aitune_build.hashing import StateCache
-from aitune_build.keys import Fingerprinter, diff_components, key_of
+from aitune_build.keys import Fingerprinter, component_changes, diff_components, key_of
 from aitune_build.manifest import load_manifest
 from aitune_build.sources import module_sources
 
@@ -57,6 +57,9 @@ def test_key_changes_with_each_component_and_diff_names_it(tmp_path: Path) -> No
     changed = _fingerprinter(root).components("mlp_export")
     assert key_of(base) != key_of(changed)
     assert diff_components(base, changed) == ["models/helpers/deep.py changed"]
+    [c] = component_changes(base, changed)
+    assert c == {"component": "sources", "path": "models/helpers/deep.py", "change": "changed",
+                 "old": base["sources"]["models/helpers/deep.py"], "new": changed["sources"]["models/helpers/deep.py"]}
     text = (root / "aitune.toml").read_text()
     (root / "aitune.toml").write_text(text.replace('kind = "export"', 'kind = "export"\nstrict = true'))
     again = _fingerprinter(root).components("mlp_export")

@@ -146,6 +146,10 @@ def test_upgrade_makes_target_stale_and_explain_names_both_versions(tmp_path: Pa
     assert "scaled_eager: stale" in out and "fakepkg 1.0 -> 1.1" in out, out
     code, out, _ = run_cli(root, "status")
     assert "stale" in out and "fakepkg 1.0 -> 1.1" in out, out
+    code, out, data = run_cli(root, "status", "--json")  # structured in JSON, text only where the CLI prints it
+    assert data["targets"][0]["changes"] == [
+        {"component": "packages", "path": "fakepkg", "change": "changed", "old": "1.0", "new": "1.1"}]
+    assert data["targets"][0]["reasons"] == ["fakepkg 1.0 -> 1.1"]
     code, out, data = run_cli(root, "build", "--json")
     assert data["targets"][0]["status"] == "built", out
 

@@ -37,34 +37,42 @@ def distributions(names: Iterable[str], state: StateCache) -> dict[str, str]:
     installed = _installed()
     env = environment()
     found: dict[str, str] = {}
+    listings: dict[str, list[str] | None] = {}  # one listing of each sys.path folder for all names looked up
     for name in sorted(set(names)):
         dist = state.distribution(env, name)
         if dist is None:
-            dist = provider(name) or ""
+            dist = provider(name, listings) or ""
             state.set_distribution(env, name, dist)
         if dist and dist not in _IN_TOOLCHAIN and dist in installed:
             found[dist] = installed[dist]
     return dict(sorted(found.items()))
 
 
-def provider(name: str) -> str | None:
+def provider(name: str, listings: dict[str, list[str] | None] | None = None) -> str | None:
     """The normalised name of the distribution that installed top-level module `name`, first on sys.path."""
+    listings = {} if listings is None else listings
     for entry in sys.path:
         folder = entry or "."
-        try:
-            listing = os.listdir(folder)
-        except OSError:
+        if folder not in listings:
+            try:
+                listings[folder] = os.listdir(folder)
+            except OSError:
+                listings[folder] = None
+        listing = listings[folder]
+        if listing is None:
             continue
         if not any(n == name or n == f"{name}.py" or (n.startswith(f"{name}.") and n.endswith((".so", ".pyd"))) for n in listing):
             continue
         infos = [n for n in listing if n.endswith(".dist-info")]
-        # The distribution named like the module first; then those whose top_level.txt says so; RECORDs last.
-        infos.sort(key=lambda n: _normalise(n.split("-")[0]) != _normalise(name))
-        for info in infos:
-            if name in _lines(os.path.join(folder, info, "top_level.txt")):
-                return _normalise(info.split("-")[0])
-        for info in infos:
-            if _record_lists(os.path.join(folder, info, "RECORD"), name):
+        named = [n for n in infos if _normalise(n.split("-")[0]) == _normalise(name)]
+        others = [n for n in infos if n not in named]
+        # The distribution named like the module first (its top_level.txt or RECORD); then the others whose
+        # top_level.txt says so (small files); the others' RECORDs last (large: only for an unusual layout).
+        checks = [(n, "top_level.txt") for n in named] + [(n, "RECORD") for n in named]
+        checks += [(n, "top_level.txt") for n in others] + [(n, "RECORD") for n in others]
+        for info, what in checks:
+            path = os.path.join(folder, info, what)
+            if (name in _lines(path)) if what == "top_level.txt" else _record_lists(path, name):
                 return _normalise(info.split("-")[0])
         return None  # found here but from no distribution: a folder on PYTHONPATH
     return None

@@ -139,3 +139,52 @@ def test_registration_no_import_makes_fails_the_build(tmp_path: Path, monkeypatc
     reason = data["targets"][0]["reason"]
     assert "does not load in a fresh process" in reason and "models.outputs" in reason, reason
     assert not (root / "build/pair_export/build.json").exists()
+
+
+OPS = textwrap.dedent("""
+    import torch
+
+
+    @torch.library.custom_op("aitune_test::scale", mutates_args=())
+    def scale(x: torch.Tensor) -> torch.Tensor:
+        return x * 3
+
+
+    @scale.register_fake
+    def _(x):
+        return torch.empty_like(x)
+    """)
+USES_OP = textwrap.dedent("""
+    import torch
+    import models.ops  # noqa: F401  (registers aitune_test::scale)
+
+
+    class Scaled(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aitune_test.scale(x) + 1
+
+
+    def build():
+        return Scaled()
+    """)
+
+
+@pytest.mark.slow
+def test_custom_operator_module_is_recorded_and_imported_by_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    root = make_project(tmp_path / "p", MANIFEST.replace("models.pair:build", "models.scaled:build"))
+    (root / "models/ops.py").write_text(OPS)
+    (root / "models/scaled.py").write_text(USES_OP)
+    code, out, data = run_cli(root, "build", "--json")
+    assert code == 0, out
+    rec = json.loads((root / "build/pair_export/build.json").read_text())
+    assert rec["record"]["imports"] == ["models.ops"]
+    code = (
+        "import torch, aitune_build\n"
+        f"m = aitune_build.load('pair_export', manifest={str(root / 'aitune.toml')!r})\n"
+        "print(float(m(torch.ones(2, 3)).sum()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root.parent,
+                          env={"PYTHONPATH": PKG_PARENT, "PATH": "/usr/bin:/bin", "HOME": str(root.parent)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["24.0"]

@@ -465,5 +465,64 @@ def verify(archive: str, as_json: bool) -> None:
     _run(go)
 
 
+@main.command("run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--build-on-start", is_flag=True, help="Build missing or stale served targets before serving them.")
+@click.option("--debug", "debug", metavar="PATH", help="Write a JSON record of served and eager calls at exit.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def run_cmd(obj: _Ctx, build_on_start: bool, debug: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND (e.g. -- python serve.py ARGS) with the `serve = true` targets' artifacts in place of their
+    modules' forward; no code change. Modules that do not match what was built run eager, with a warning."""
+
+    def go() -> int:
+        from .serve.launch import exec_served
+
+        project = obj.open(readonly_cache=True)  # a bad manifest is one line and exit 2, before the app starts
+        if not any(t.serve for t in project.manifest.model.targets.values()):
+            raise UserError(f"{project.manifest.display}: no target has serve = true; add it to the target to serve")
+        exec_served(project.manifest.path, command, build_on_start, debug)
+        return EXIT_OK  # not reached
+
+    _run(go)
+
+
+@main.command("record", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--module", "modules", multiple=True, metavar="PKG.MOD:CLASS",
+              help="Record this class's calls (repeatable); default: the modules the application calls directly.")
+@click.option("--backend", default="export", show_default=True, help="Backend (a [backends] name or a kind) of the target written.")
+@click.option("--target", "target", metavar="NAME", help="Name of the target written (default MODULE_BACKEND).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def record_cmd(obj: _Ctx, modules: tuple[str, ...], backend: str, target: str | None, command: tuple[str, ...]) -> None:
+    """Run COMMAND, record the inputs its modules receive, and write [modules] entries (shape ranges from what was
+    seen) and a served target into aitune.toml."""
+
+    def go() -> int:
+        import tempfile
+
+        from .serve.launch import run_recorded
+        from .serve.manifest_edit import merge, update_manifest
+
+        path = obj.manifest_path()
+        with tempfile.TemporaryDirectory(prefix="aitune-record-") as folder:
+            code = run_recorded(command, modules, Path(folder))
+            recorded, chosen = merge(Path(folder))
+        if code != 0:
+            click.echo(f"aitune-build: record: the application exited with code {code}", err=True)
+        edit = update_manifest(path, recorded, backend, target, list(chosen or modules))
+        for key, rec in sorted(recorded.items()):
+            click.echo(f"recorded {key}: {rec.calls} calls, {len(rec.signatures)} input shapes")
+        for name, what in edit.modules.items():
+            click.echo(f"{what} modules.{name}")
+        for name, what in edit.targets.items():
+            click.echo(f"{what} targets.{name}")
+        for note in edit.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote {path}; next: aitune-build build, then aitune-build run -- {' '.join(command)}")
+        return EXIT_OK
+
+    _run(go)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -208,6 +208,7 @@ class TargetSpec(Spec):
     from_: str | None
     backend: str
     check: CheckSpec
+    serve: bool  # `aitune-build run` puts this target's artifact into the application (one per module)
 
 
 class Manifest(Spec):
@@ -222,7 +223,8 @@ class Manifest(Spec):
             project=ProjectSettings(**d["project"]),
             modules={n: ModuleSpec.from_json(m) for n, m in d["modules"].items()},
             backends={n: backend_config(b) for n, b in d["backends"].items()},
-            targets={n: TargetSpec(module=t["module"], from_=t["from_"], backend=t["backend"], check=CheckSpec(**t["check"]))
+            targets={n: TargetSpec(module=t["module"], from_=t["from_"], backend=t["backend"], check=CheckSpec(**t["check"]),
+                                  serve=t["serve"])
                      for n, t in d["targets"].items()},
         )
 
@@ -330,6 +332,14 @@ def _check_references(m: LoadedManifest) -> None:
             if t.from_ == name:
                 raise m.error(f"{key}.from", "a target cannot take its own artifact")
     _check_cycles(m)
+    served: dict[str, str] = {}
+    for name, t in man.targets.items():
+        if t.serve:
+            module, _ = m.module_of(name)
+            if module in served:
+                raise m.error(f"targets.{name}.serve", f"module '{module}' is already served by target '{served[module]}'; "
+                                                      "set serve = true on one target per module")
+            served[module] = name
     from .backends import backend_for
 
     for name, t in man.targets.items():

@@ -173,6 +173,7 @@ class TargetSpec(_Table):
     from_: str | None = Field(None, alias="from", description="An upstream target whose artifact is the input.")
     backend: str
     check: CheckSpec = Field(default_factory=CheckSpec)
+    serve: bool = Field(False, description="`aitune-build run` serves this artifact in place of the module's forward (one target per module).")
 
     @model_validator(mode="after")
     def _one_source(self) -> TargetSpec:

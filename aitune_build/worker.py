@@ -57,6 +57,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     record = backend.build(ctx)
     timings["build"] = time.perf_counter() - t0
+    from .serve.identity import identity
+
+    record = {**record, "module": identity(reference)}  # what `aitune-build run` checks a live module against
 
     t0 = time.perf_counter()
     loaded = backend.load(ctx)

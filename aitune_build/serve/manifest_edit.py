@@ -33,6 +33,7 @@ class Recorded:
     other_args: dict[str, str] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None
+    tensors: int = 0  # parameters and buffers in its state_dict
 
     @property
     def key(self) -> str:
@@ -52,7 +53,8 @@ def merge(folder: Path) -> tuple[dict[str, Recorded], list[str]]:
         for key, c in doc.get("classes", {}).items():
             r = out.get(key)
             if r is None:
-                r = out[key] = Recorded(c["module"], c["qualname"], c.get("file"), init=c.get("init") or {}, weights=c.get("weights"))
+                r = out[key] = Recorded(c["module"], c["qualname"], c.get("file"), init=c.get("init") or {}, weights=c.get("weights"),
+                                      tensors=c.get("tensors", 0))
             r.calls += c["calls"]
             r.instances += c["instances"]
             for sig, count in c["signatures"]:
@@ -295,7 +297,7 @@ def update_manifest(path: Path, recorded: dict[str, Recorded], backend: str, tar
                     body += f"weights = {toml_value(w.relative_to(root).as_posix())}\n"
                 else:
                     edit.notes.append(f"modules.{name}.weights: {w} is outside the project folder: copy it in and set weights")
-            elif rec.instances:
+            elif rec.tensors:
                 edit.notes.append(f"modules.{name}: no weights file was seen (load_state_dict(torch.load(FILE))); the build "
                                   "uses freshly initialised weights, so the application's module will not match and runs eager")
             body += f"inputs = {_inputs_text(specs)}\n"
@@ -320,6 +322,7 @@ def update_manifest(path: Path, recorded: dict[str, Recorded], backend: str, tar
             edit.targets[tname] = "added"
     if appended:
         text = text.rstrip("\n") + "\n\n" + "\n".join(appended)
+    text = text.rstrip("\n") + "\n"
     _write_checked(path, text)
     return edit
 

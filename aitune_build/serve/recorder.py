@@ -101,7 +101,8 @@ def _note(module: Any, arguments: dict[str, Any], torch: Any) -> None:
         if rec is None:
             rec = _classes[key] = {"module": cls.__module__, "qualname": cls.__qualname__, "calls": 0, "signatures": {},
                                    "values": {}, "other_args": {}, "init": _init_args(module), "instances": 0,
-                                   "weights": module.__dict__.get(_WEIGHTS), "file": _file_of(cls)}
+                                   "weights": module.__dict__.get(_WEIGHTS), "file": _file_of(cls),
+                                   "tensors": len(module.state_dict())}
             rec["_ids"] = set()
         if id(module) not in rec["_ids"]:
             rec["_ids"].add(id(module))

@@ -312,3 +312,22 @@ def test_manifest_edit_replaces_only_the_inputs_value(tmp_path: Path) -> None:
         """)
     new = replace_key(text, "modules.mlp", "inputs", '[{ name = "x", shape = [3, 4] }]', "aitune.toml")
     assert new == text.replace('[\n  { name = "x", shape = [2, 4] },  # old ] guess\n]', '[{ name = "x", shape = [3, 4] }]')
+
+
+@pytest.mark.slow
+def test_run_serves_an_aotinductor_artifact(tmp_path: Path, cache: Path) -> None:
+    """An inductor_aot target (built from the export target's program) served the same way (~1 min on 2 cores)."""
+    text = MANIFEST + '\n[backends.aoti]\nkind = "inductor_aot"\n\n[targets.mlp_aoti]\nfrom = "mlp_export"\nbackend = "aoti"\nserve = true\n'
+    project = make_project(tmp_path / "proj", text)
+    (project / "app.py").write_text(APP)
+    os.environ["AITUNE_CACHE_DIR"] = str(cache)
+    try:
+        code, out, _ = run_cli(project, "build", "mlp_aoti")
+    finally:
+        del os.environ["AITUNE_CACHE_DIR"]
+    assert code == 0, out
+    proc, result, debug = _served_run(project, tmp_path)
+    assert result["errors"] == []
+    t = debug["targets"]["mlp_aoti"]
+    assert (t["status"], t["served_calls"]) == ("serving", 3), proc.stderr
+    assert t["eager_reasons"] == {"shape": 1, "weights": 2, "training": 1}

@@ -207,6 +207,20 @@ def test_record_writes_a_manifest_that_builds_covers_the_traffic_and_serves(tmp_
     targets = json.loads(debug.read_text())["targets"]
     assert (targets["mlp_export"]["served_calls"], targets["mlp_export"]["eager_calls"]) == (5, 0), proc.stderr
     assert (targets["adder_export"]["served_calls"], targets["adder_export"]["eager_calls"]) == (3, 0), proc.stderr
+    # Recording one chosen class again updates its inputs in place and leaves every other line as it was.
+    (project / "app2.py").write_text("import torch\nfrom models.adder import Adder\nfrom models.mlp import MLP\n"
+                                     "a = Adder().eval()\nMLP(hidden=8)(torch.randn(1, 4))\n"
+                                     "for n in (4, 9, 9):\n    a(x=torch.randn(n), y=torch.randn(n))\n")
+    before = (project / "aitune.toml").read_text()
+    proc = _py(["-m", "aitune_build", "-C", str(project), "record", "--module", "models.adder:Adder", "--", sys.executable,
+                "app2.py"], cwd=project)
+    assert proc.returncode == 0, proc.stderr
+    assert "updated modules.adder" in proc.stdout and "kept targets.adder_export" in proc.stdout, proc.stdout
+    after = (project / "aitune.toml").read_text()
+    old_inputs = before[before.index("[modules.adder]"):].split("inputs = ", 1)[1].split("\n]\n", 1)[0]
+    new_inputs = after[after.index("[modules.adder]"):].split("inputs = ", 1)[1].split("\n]\n", 1)[0]
+    assert after == before.replace(old_inputs, new_inputs)
+    assert tomllib.loads(after)["modules"]["adder"]["inputs"][0]["shape"] == [{"dim": "batch", "min": 4, "opt": 9, "max": 9}]
 
 
 # --- fast: no torch in the child, or no child at all ---------------------------------------------------------------

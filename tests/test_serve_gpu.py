@@ -147,7 +147,7 @@ def test_run_serves_torch_tensorrt_into_an_unmodified_script(tmp_path: Path, ser
         sys.path.remove(str(project))
     net.load_state_dict(torch.load(project / "cnn.pt"))
     net.eval()
-    tol = 2e-2 if served == "aot" else 1e-3  # the AOT target is fp16
+    tol = 2e-2 if served == "aot" else 5e-3  # the AOT target is fp16; fp32 engines may use TF32
     for call in json.loads(result.read_text()):
         assert call["dtype"] == "torch.float32"  # what the eager module returns, fp16 engine or not
         want = net(torch.tensor(call["x"]))

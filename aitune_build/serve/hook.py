@@ -309,7 +309,8 @@ class ServedForward:
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> Any:
         original = self.original
-        if type(module) is not self.cls or getattr(_inside, "active", False) or self.compiling():
+        # compiling() first: under torch.compile/export tracing (a JIT target's own load included) it is a constant.
+        if self.compiling() or type(module) is not self.cls or getattr(_inside, "active", False):
             return original(module, *args, **kwargs)
         try:
             target = module.__dict__.get(_STATE, _STATE)

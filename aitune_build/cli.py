@@ -480,7 +480,7 @@ def run_cmd(obj: _Ctx, build_on_start: bool, debug: str | None, command: tuple[s
         project = obj.open(readonly_cache=True)  # a bad manifest is one line and exit 2, before the app starts
         if not any(t.serve for t in project.manifest.model.targets.values()):
             raise UserError(f"{project.manifest.display}: no target has serve = true; add it to the target to serve")
-        exec_served(project.manifest.path, command, build_on_start, debug)
+        exec_served(project, command, build_on_start, debug)
         return EXIT_OK  # not reached
 
     _run(go)

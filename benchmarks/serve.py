@@ -5,9 +5,11 @@ a served call against aitune_build.load() of the same target.
 
 Builds a small project (an MLP with an export target, serve = true) in a temp folder, then, interleaved round by
 round, starts each script in each mode and takes medians:
-- modes: `plain` (no hook), `hook` (the hook's sitecustomize on PYTHONPATH with AITUNE_MANIFEST: exactly what
-  `aitune-build run` gives the child), `autowrapt` (AUTOWRAPT_BOOTSTRAP=aitune_build, the entry point installed as
-  the dist-info `pip install` would write), and `aitune-build run` (the CLI's own start plus exec);
+- modes: `plain` (no hook), `hook` (the hook's sitecustomize on PYTHONPATH with AITUNE_MANIFEST and
+  AITUNE_SERVE_INDEX: exactly what `aitune-build run` gives the child), `autowrapt` (AUTOWRAPT_BOOTSTRAP=aitune_build,
+  the entry point installed as the dist-info `pip install` would write; this start parses aitune.toml and reads
+  build.json, and autowrapt itself scans every installed distribution's entry points), and `aitune-build run` (the
+  CLI's own start, which opens the project, plus exec);
 - scripts: `pass.py` (nothing; the hook reads the manifest and build.json and waits for a class that never comes),
   `other.py` (imports torch, calls an unrelated nn.Linear 20 000 times: reports µs per call);
 - served.py (under the hook): the served MLP and aitune_build.load() called alternately in blocks of 2 000.
@@ -86,7 +88,7 @@ SERVED = textwrap.dedent("""
     loaded = aitune_build.load("mlp_export", manifest="aitune.toml")
     x = torch.randn(4, 16)
 
-    def block(fn, n=2000):
+    def block(fn, n=1000):
         t0 = time.perf_counter()
         for _ in range(n):
             fn(x)
@@ -95,7 +97,7 @@ SERVED = textwrap.dedent("""
     with torch.no_grad():
         for _ in range(500):
             model(x); loaded(x)
-        pairs = [(block(model), block(loaded)) for _ in range(15)]
+        pairs = [(block(model), block(loaded)) for _ in range(9)]
         eager = [block(lambda t: model.forward.__wrapped__(model, t)) for _ in range(5)]
     print("SERVED", json.dumps({"served_us": statistics.median(s for s, _ in pairs), "load_us": statistics.median(l for _, l in pairs),
                                 "served_vs_load": statistics.median(s / l for s, l in pairs), "eager_forward_us": statistics.median(eager)}))
@@ -130,11 +132,14 @@ def _setup(project: Path) -> Path:
 def _env(mode: str, project: Path) -> dict[str, str]:
     from aitune_build.serve.launch import SITE_DIR
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AITUNE_", "AUTOWRAPT_"))}
+    # Byte-code caching on, as in any installed environment (PYTHONDONTWRITEBYTECODE would compile every module at
+    # every start and charge that to whoever imports most).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AITUNE_", "AUTOWRAPT_")) and k != "PYTHONDONTWRITEBYTECODE"}
     path = [str(ROOT)]
     if mode == "hook":
         path.insert(0, str(SITE_DIR))
         env["AITUNE_MANIFEST"] = str(project / "aitune.toml")
+        env["AITUNE_SERVE_INDEX"] = "mlp_export,models,MLP"  # what `aitune-build run` hands the child
     elif mode == "autowrapt":
         path.insert(0, str(project / "site"))
         env.update(AUTOWRAPT_BOOTSTRAP="aitune_build", AITUNE_MANIFEST=str(project / "aitune.toml"))
@@ -164,7 +169,10 @@ def main() -> None:
     modes = ("plain", "hook", "autowrapt", "run")
     start: dict[str, dict[str, list[float]]] = {s: {m: [] for m in modes} for s in ("pass.py", "other.py")}
     percall: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.rounds):
+    for mode in modes:  # warm-up: byte-code caches written
+        _start(project, mode, "pass.py")
+    for i in range(args.rounds):
+        print(f"round {i + 1}/{args.rounds}", file=sys.stderr, flush=True)
         for script in ("pass.py", "other.py"):
             for mode in modes:
                 wall, out = _start(project, mode, script)

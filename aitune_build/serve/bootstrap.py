@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # typing costs ~5-10 ms to import: only the type checker reads it
+if TYPE_CHECKING:
+    from typing import Any
 
 _started = False
 WARNINGS: list[str] = []  # every warning printed, for the debug record
@@ -68,26 +71,29 @@ def _start() -> None:
     if not os.path.isfile(manifest):
         warn(f"{manifest}: no such file (set AITUNE_MANIFEST to the project's aitune.toml); nothing is served")
         return
-    served = served_targets(manifest)
+    index = env.get("AITUNE_SERVE_INDEX")
+    served = parse_index(index) if index is not None else {t: _class_of(r) for t, r in served_targets(manifest).items()}
     if not served:
         return
     build_on_start = env.get("AITUNE_BUILD_ON_START") == "1"
-    by_module: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
-    for target, record in served.items():
-        if _class_of(record) is None and build_on_start:
+    by_module: dict[str, list[tuple[str, str]]] = {}
+    for target, cls in served.items():
+        if cls is None and build_on_start:
             from .hook import build_targets
 
             build_targets(manifest, [target])
-            record = _read_record(manifest, target)
-        cls = _class_of(record)
+            cls = _class_of(_read_record(manifest, target))
+            if index is not None and cls is not None:  # this process's children need not build it again
+                env["AITUNE_SERVE_INDEX"] = make_index({**served, target: cls})
         if cls is None:
+            record = _read_record(manifest, target)
             why = "is not built" if record is None else "was built before serving existed (no class recorded)"
             flag = " -f" if record is not None else ""
             warn(f"{target} {why}; its module runs eager. Build it: aitune-build --manifest {manifest} build{flag} "
                  f"{target} (or set AITUNE_BUILD_ON_START=1)")
             NOT_SERVED[target] = WARNINGS[-1]
             continue
-        by_module.setdefault(cls["module"], []).append((target, cls["qualname"], record))
+        by_module.setdefault(cls["module"], []).append((target, cls["qualname"]))
     if not by_module:
         return
     from .imports import when_imported
@@ -96,7 +102,7 @@ def _start() -> None:
         when_imported(module_name, _on_import(manifest, candidates))
 
 
-def _on_import(manifest: str, candidates: list[tuple[str, str, dict[str, Any]]]) -> Any:
+def _on_import(manifest: str, candidates: list[tuple[str, str]]) -> Any:
     def callback(module: Any) -> None:
         try:
             from .hook import serve_module
@@ -106,6 +112,21 @@ def _on_import(manifest: str, candidates: list[tuple[str, str, dict[str, Any]]])
             warn(f"{', '.join(c[0] for c in candidates)}: serving failed ({type(e).__name__}: {e}); running eager")
 
     return callback
+
+
+def make_index(served: dict[str, dict[str, str] | None]) -> str:
+    """What `aitune-build run` hands its child in AITUNE_SERVE_INDEX (target,module,qualname;...), so that the
+    child's start-up neither parses TOML nor JSON: names of targets, modules and classes hold no ',' or ';'."""
+    return ";".join(f"{t},{c['module']},{c['qualname']}" if c else f"{t},," for t, c in served.items())
+
+
+def parse_index(index: str) -> dict[str, dict[str, str] | None]:
+    out: dict[str, dict[str, str] | None] = {}
+    for item in index.split(";"):
+        if item:
+            target, module, qualname = item.split(",")
+            out[target] = {"module": module, "qualname": qualname} if module else None
+    return out
 
 
 def served_targets(manifest: str) -> dict[str, dict[str, Any] | None]:

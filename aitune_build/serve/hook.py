@@ -119,7 +119,8 @@ class ServedTarget:
 
                     self.dtypes = {n: getattr(torch, s["dtype"]) for n, s in self.specs.items()}
                     self.out_dtype = next((d for d in self.dtypes.values() if d.is_floating_point), torch.float32)
-                    self.fn = load(self.name, self.manifest)
+                    loaded = load(self.name, self.manifest)
+                    self.fn = getattr(loaded, "fn", loaded)  # the backend's callable: inputs are bound by name here
                     self.status = "serving"
                 except Exception as e:  # noqa: BLE001
                     self.fail(f"cannot load the artifact ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
@@ -142,13 +143,15 @@ def _in_worker() -> bool:
     return "aitune_build.worker" in sys.modules or getattr(spec, "name", None) == "aitune_build.worker"
 
 
-def serve_module(manifest: str, module: Any, candidates: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """Patch the served classes of `module`, just imported. candidates: (target, class qualname, build.json)."""
+def serve_module(manifest: str, module: Any, candidates: list[tuple[str, str]]) -> None:
+    """Patch the served classes of `module`, just imported. candidates: (target, class qualname)."""
     if _in_worker() or os.environ.get("AITUNE_SERVE") == "0":
         return
+    from .bootstrap import _read_record
+
     by_class: dict[str, list[ServedTarget]] = {}
-    for target, qualname, record in candidates:
-        served = _check_target(manifest, module, target, qualname, record)
+    for target, qualname in candidates:
+        served = _check_target(manifest, module, target, qualname, _read_record(manifest, target) or {})
         if served is None:
             NOT_SERVED[target] = WARNINGS[-1] if WARNINGS else "not served"
         else:

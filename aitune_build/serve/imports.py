@@ -8,11 +8,14 @@ import costs one dict lookup.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
 
-Callback = Callable[[ModuleType], None]
+TYPE_CHECKING = False  # this runs at interpreter start: typing and collections are not imported for annotations
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import ModuleType
+    from typing import Any
+
+    Callback = Callable[[ModuleType], None]
 
 
 class PostImportFinder:

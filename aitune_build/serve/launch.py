@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 
@@ -29,10 +30,14 @@ def check_command(command: tuple[str, ...]) -> None:
         raise UserError(f"{command[0]}: command not found")
 
 
-def exec_served(manifest: Path, command: tuple[str, ...], build_on_start: bool, debug: str | None) -> None:
+def exec_served(project: Any, command: tuple[str, ...], build_on_start: bool, debug: str | None) -> None:
     """Replace this process with the application, the serving hook in its start-up. Does not return."""
+    from ..outputs import read_record
+    from .bootstrap import _class_of, make_index
+
     check_command(command)
-    extra = {"AITUNE_MANIFEST": str(manifest.resolve())}
+    served = {n: _class_of(read_record(project.target_dir(n))) for n, t in project.manifest.model.targets.items() if t.serve}
+    extra = {"AITUNE_MANIFEST": str(project.manifest.path), "AITUNE_SERVE_INDEX": make_index(served)}
     if build_on_start:
         extra["AITUNE_BUILD_ON_START"] = "1"
     if debug:

@@ -40,6 +40,7 @@ class ServedTarget:
         self.inputs = [i["name"] for i in comps["module"]["inputs"]]
         self.specs = {i["name"]: i for i in comps["module"]["inputs"]}
         self.device_type = comps["backend"].get("device", "cpu")
+        self.cuda = self.device_type == "cuda"
         self.cast = (record.get("record") or {}).get("cast")
         self.state_xxh3 = record["record"]["module"]["state_xxh3"]
         self.bounds: dict[str, list[tuple[int, int]]] = {}
@@ -77,12 +78,18 @@ class ServedTarget:
                 return "type", f"input '{name}' is a {type(t).__name__}, not a plain tensor"
             if t.dtype is not self.dtypes[name]:
                 return "dtype", f"input '{name}' has dtype {str(t.dtype).removeprefix('torch.')}; the artifact takes {self.specs[name]['dtype']}"
-            if t.device.type != self.device_type:
+            if t.is_cuda is not self.cuda:  # is_cuda: no torch.device object made per call
                 return "device", f"input '{name}' is on {t.device.type}; the artifact runs on {self.device_type}"
             if t.requires_grad:
                 return "grad", f"input '{name}' requires grad"
             shape = t.shape
-            if len(shape) != len(bounds) or any(not lo <= d <= hi for d, (lo, hi) in zip(shape, bounds)):
+            fits = len(shape) == len(bounds)
+            if fits:
+                for d, (lo, hi) in zip(shape, bounds):
+                    if not lo <= d <= hi:
+                        fits = False
+                        break
+            if not fits:
                 want = ", ".join(str(lo) if lo == hi else f"{lo}..{hi}" for lo, hi in bounds)
                 return "shape", f"input '{name}' has shape {list(shape)}; the artifact takes [{want}]"
         for dim, axes in self.dims.items():

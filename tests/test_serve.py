@@ -54,6 +54,9 @@ APP = textwrap.dedent("""
     model.train()
     call(model, torch.randn(2, 4), "training")
     model.eval()
+    call(model, torch.randn(2, 4), "served_again")
+    model.b = torch.nn.Linear(8, 2)  # a new submodule after the first call: checked again, runs eager
+    call(model, torch.randn(2, 4), "replaced")
     model.load_state_dict(other.state_dict())
     call(model, torch.randn(2, 4), "reloaded")
     json.dump({"calls": calls, "errors": errors}, open(sys.argv[1], "w"))
@@ -106,12 +109,12 @@ def _served_run(project: Path, tmp: Path, *run_args: str, **env: str) -> tuple[s
 @pytest.mark.slow
 def test_run_serves_the_export_artifact_and_runs_eager_whatever_does_not_match(built: Path, tmp_path: Path) -> None:
     proc, result, debug = _served_run(built, tmp_path)
-    assert result["errors"] == [] and len(result["calls"]) == 7
+    assert result["errors"] == [] and len(result["calls"]) == 9
     t = debug["targets"]["mlp_export"]
     assert t["status"] == "serving"
-    assert t["served_calls"] == 3  # batches 1, 4, 8: inside the built range [1..8]
-    # batch 9 (out of range), another instance's weights, training mode, and weights loaded after the first call
-    assert t["eager_reasons"] == {"shape": 1, "weights": 2, "training": 1}
+    assert t["served_calls"] == 4  # batches 1, 4, 8 (inside the built range [1..8]) and 2 after eval() again
+    # batch 9 (out of range), another instance's weights, training mode, a replaced submodule, weights loaded later
+    assert t["eager_reasons"] == {"shape": 1, "weights": 3, "training": 1}
     err = proc.stderr
     assert "mlp_export: input 'x' has shape [9, 4]; the artifact takes [1..8, 4]; this call runs eager" in err
     assert "mlp_export: this MLP's parameters and buffers differ from the weights the target was built with" in err
@@ -136,7 +139,7 @@ def test_autowrapt_bootstrap_serves_without_aitune_build_run(built: Path, tmp_pa
     proc = subprocess.run([sys.executable, "app.py", str(out)], cwd=built, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["errors"] == []
-    assert json.loads(debug.read_text())["targets"]["mlp_export"]["served_calls"] == 3
+    assert json.loads(debug.read_text())["targets"]["mlp_export"]["served_calls"] == 4
 
 
 @pytest.mark.slow
@@ -149,7 +152,7 @@ def test_stale_or_missing_target_runs_eager_and_says_how_to_build_or_builds_on_s
     # AITUNE_BUILD_ON_START=1 (run --build-on-start): built first, progress on stderr, then served.
     proc, result, debug = _served_run(project, tmp_path, "--build-on-start", AITUNE_CACHE_DIR=str(cache))
     assert "aitune-build: serve: built" in proc.stderr or "aitune-build: serve: cached" in proc.stderr, proc.stderr
-    assert result["errors"] == [] and debug["targets"]["mlp_export"]["served_calls"] == 3
+    assert result["errors"] == [] and debug["targets"]["mlp_export"]["served_calls"] == 4
     # A tampered artifact is stale ("output files are missing or modified"): never served, the app still runs.
     artifact = project / "build" / "mlp_export" / "model.pt2"
     artifact.write_bytes(b"not a program" + artifact.read_bytes()[12:])
@@ -343,5 +346,5 @@ def test_run_serves_an_aotinductor_artifact(tmp_path: Path, cache: Path) -> None
     proc, result, debug = _served_run(project, tmp_path)
     assert result["errors"] == []
     t = debug["targets"]["mlp_aoti"]
-    assert (t["status"], t["served_calls"]) == ("serving", 3), proc.stderr
-    assert t["eager_reasons"] == {"shape": 1, "weights": 2, "training": 1}
+    assert (t["status"], t["served_calls"]) == ("serving", 4), proc.stderr
+    assert t["eager_reasons"] == {"shape": 1, "weights": 3, "training": 1}

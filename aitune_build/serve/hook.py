@@ -11,8 +11,9 @@ already loaded by the application. For each candidate target of that module:
 3. each call checks the inputs against the built names, dtypes, devices and shape ranges (a few integer
    comparisons) and runs eager for a call that does not fit, warning once per target and reason.
 
-`load_state_dict` and `.to()`/`.half()`/`.cuda()` on the instance or an ancestor make the next call check the weights
-again. In-place edits of parameter data after the first call are not seen.
+`load_state_dict` and `.to()`/`.half()`/`.cuda()` on the instance or an ancestor, and assigning a module, parameter
+or tensor attribute on the instance itself, make the next call check the weights again. In-place edits of parameter
+data, and assignments inside its submodules, after the first call are not seen.
 """
 
 from __future__ import annotations
@@ -289,8 +290,18 @@ def _patch(cls: type, targets: list[ServedTarget]) -> None:
         self.__dict__.pop(_STATE, None)  # new weights: check them again at the next call
         return original_load(self, *args, **kwargs)
 
+    original_setattr = cls.__setattr__
+    held = (torch.nn.Module, torch.Tensor)
+
+    @functools.wraps(original_setattr)
+    def __setattr__(self: Any, name: str, value: Any) -> None:
+        if isinstance(value, held):
+            self.__dict__.pop(_STATE, None)  # a new submodule, parameter or buffer: check the weights again
+        original_setattr(self, name, value)
+
     cls._apply = _apply
     cls._load_from_state_dict = _load_from_state_dict
+    cls.__setattr__ = __setattr__
 
 
 class ServedForward:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from .gpus import GpuPool
+    from .workers import Workers
 
 BUILT, CACHED, FAILED, SKIPPED = Status.BUILT, Status.CACHED, Status.FAILED, Status.SKIPPED
 
@@ -34,6 +33,11 @@ class BuildOptions:
     force: bool = False
     named: tuple[str, ...] = ()  # targets named on the command line: unavailable backends fail instead of skip
     check_reproducible: bool = False
+    settle_only: bool = False  # the no-op fast path (quick.py): raise NeedsWork instead of building anything
+
+
+class NeedsWork(Exception):
+    """BuildOptions.settle_only: TARGET is not up to date (nothing was started)."""
 
 
 @dataclass
@@ -91,6 +95,17 @@ class LocalRunner(Runner):
     def __init__(self, project: Project, jobs: int):
         self.project, self.jobs = project, max(1, jobs)
         self._pool: GpuPool | None = None
+        self.kinds: set[str] = set()  # backend kinds of the build's targets: what warm workers preload
+        self._workers: Workers | None = None  # started at the first compile: a no-op build starts none
+        self._workers_lock = threading.Lock()
+
+    def workers(self) -> Workers:
+        with self._workers_lock:
+            if self._workers is None:
+                from .workers import Workers
+
+                self._workers = Workers(self.kinds)
+            return self._workers
 
     def _gpus(self) -> GpuPool:
         if self._pool is None:
@@ -111,13 +126,23 @@ class LocalRunner(Runner):
 
     def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
                 started: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        workers = self.workers()
         if not backend.needs_gpu:
             started({})
-            return _run_worker(project, name, artifact_dir, upstream, log)
+            return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
         with self._gpus().acquire() as gpu:  # given back however the worker ends
             started({"gpu": gpu.as_json()})
-            outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices})
+            outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices},
+                                  workers=workers, kind=backend.kind)
         return {**outcome, "gpu": gpu.as_json()}
+
+    def cancel(self) -> None:  # Ctrl-C: kill the running workers now; their threads see a crash and store nothing
+        if self._workers is not None:
+            self._workers.interrupt()
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
 
 
 def build(project: Project, order: list[str], options: BuildOptions, listen: Listener | None = None,
@@ -125,7 +150,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     listen = listen or (lambda *_: None)
     man = project.manifest.model
     results: dict[str, TargetResult] = {}
-    runner = runner or LocalRunner(project, options.jobs)
+    if runner is None:
+        runner = LocalRunner(project, options.jobs)
+        runner.kinds = {man.backends[man.targets[n].backend].kind for n in order}
     stop = threading.Event()
 
     def finish(res: TargetResult, t0: float) -> None:
@@ -175,6 +202,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 if job.current is not None and not options.check_reproducible:
                     finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current), t0)
                     continue
+                if options.settle_only:
+                    raise NeedsWork(name)
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
 
@@ -312,27 +341,29 @@ def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]]
 
 
 def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path,
-                env: dict[str, str] | None = None) -> dict[str, Any]:
+                env: dict[str, str] | None = None, workers: Workers | None = None, kind: str = "") -> dict[str, Any]:
     """One worker process for one target. env: variables set for it on top of ours (CUDA_VISIBLE_DEVICES pins the
-    worker to the GPU it was lent)."""
-    import subprocess
+    worker to the GPU it was lent). workers: the build's warm workers (a child forked from a server that imported
+    torch already); without, a fresh `python -m aitune_build.worker` process."""
+    from .workers import Interrupted, run_plain
 
     result = artifact_dir.with_name(artifact_dir.name + ".result.json")
     job = artifact_dir.with_name(artifact_dir.name + ".job.json")
+    submitted = time.time()
     job.write_text(json.dumps({
         "manifest": str(project.manifest.path), "manifest_data": to_json(project.manifest.model), "target": name, "artifact_dir": str(artifact_dir),
-        "upstream": str(upstream) if upstream else None, "result": str(result),
+        "upstream": str(upstream) if upstream else None, "result": str(result), "submitted": submitted,
     }))
-    env = {**os.environ, **(env or {})}
-    pkg_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     try:
-        with open(log, "wb") as logf:
-            proc = subprocess.run([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf, stderr=subprocess.STDOUT, env=env)
+        code = workers.run(job, log, kind, env or {}) if workers is not None else run_plain(job, log, env or {})
         outcome = json.loads(result.read_text()) if result.exists() else None
-        if proc.returncode != 0 or outcome is None:
-            return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(proc.returncode)}"}
+        if code != 0 or outcome is None:
+            return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(code)}"}
+        if isinstance(outcome.get("timings"), dict):
+            outcome["timings"]["worker_total"] = round(time.time() - submitted, 4)
         return outcome
+    except Interrupted:
+        return {"ok": False, "error": "crash", "message": "interrupted"}
     finally:
         for f in (job, result):
             f.unlink(missing_ok=True)

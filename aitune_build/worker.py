@@ -20,8 +20,16 @@ from .fsutil import atomic_write_json
 from .factory import make_module
 from .manifest import loaded_from_json
 
+_STARTED = time.time()  # a fresh-process worker's start, for its "worker_start" timing
 
-def run_job(job: dict[str, Any]) -> dict[str, Any]:
+
+def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]:
+    """Build, load and check one target. `started`: when this process began (time.time()) for the timings."""
+    timings: dict[str, float] = {}
+    t_entry = time.time()
+    if job.get("submitted") is not None:  # the parent's clock when it asked for this worker
+        timings["worker_start"] = max(0.0, (started or t_entry) - job["submitted"])
+    t0 = time.perf_counter()
     import torch
 
     from .backends import BuildContext, backend_for
@@ -36,9 +44,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     reason = backend.unavailable()
     if reason:
         return {"ok": False, "error": "unavailable", "message": reason}
+    backend.import_libraries()
+    timings["imports"] = time.perf_counter() - t0  # ~0 in a child of a warm fork server
     torch.manual_seed(0)
-    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
     reference = make_module(m, module_name, mod_spec, config.device)
+    timings["construct"] = time.perf_counter() - t0
 
     def module_for_backend() -> Any:
         """The eager module is constructed once (large models: memory and start-up time); a backend that changes
@@ -53,22 +64,21 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         config=config, inputs=mod_spec.inputs, root=m.root, artifact_dir=Path(job["artifact_dir"]),
         make_module=module_for_backend,
         upstream=Path(job["upstream"]) if job.get("upstream") else None, extra={"backend_name": target.backend},
+        timings=timings,
     )
-    t0 = time.perf_counter()
-    record = backend.build(ctx)
-    timings["build"] = time.perf_counter() - t0
+    with ctx.phase("build"):
+        record = backend.build(ctx)
     from .serve.identity import identity
 
     record = {**record, "module": identity(reference)}  # what `aitune-build run` checks a live module against
 
-    t0 = time.perf_counter()
-    loaded = backend.load(ctx)
-    timings["load"] = time.perf_counter() - t0
+    with ctx.phase("load"):
+        loaded = backend.load(ctx)
     rtol, atol = DEFAULT_TOLERANCES[config.precision]
     rtol = target.check.rtol if target.check.rtol is not None else rtol
     atol = target.check.atol if target.check.atol is not None else atol
     checks: dict[str, Any] = {"precision": config.precision, "rtol": rtol, "atol": atol, "variants": {}}
-    with torch.no_grad():
+    with torch.no_grad(), ctx.phase("check"):
         for which in variants(mod_spec.inputs):
             inputs = ctx.example(which, seed=target.check.seed)
             expected = reference(**inputs)
@@ -92,7 +102,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         record["imports"] = record_imports(ctx.artifact_dir / backend.artifact, m.root, mod_spec.factory.split(":")[0],
                                            {"backend": to_json(config), "inputs": [to_json(i) for i in mod_spec.inputs]})
         timings["fresh_load"] = time.perf_counter() - t0
-    return {"ok": True, "record": record, "check": checks, "timings": timings}
+    record.update(backend.after_check(ctx))
+    timings["worker"] = time.time() - t_entry
+    return {"ok": True, "record": record, "check": checks, "timings": {k: round(v, 4) for k, v in timings.items()}}
 
 
 def _die_with_parent() -> None:
@@ -112,12 +124,12 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], started: float | None = None) -> int:
     _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
     result_path = Path(job["result"])
     try:
-        result = run_job(job)
+        result = run_job(job, started)
     except UserError as e:
         result = {"ok": False, "error": "user", "message": str(e)}
     except CheckFailed as e:
@@ -135,4 +147,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], _STARTED))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +26,16 @@ class BuildContext:
     make_module: Callable[[], Any]  # a fresh eager module, eval mode, on the backend's device
     upstream: Path | None = None  # an upstream target's artifact file (a `from` edge)
     extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (build.json "timings")
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the build ("construct", "export", "compile", "save", ...); repeated phases add up."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     @property
     def device(self) -> str:
@@ -65,6 +77,9 @@ class Backend:
         """Whether the artifact is a saved ExportedProgram, which names Python types and operators that a loading
         process must have registered (see loadable.py)."""
         return False
+    # What a worker imports to build and check this kind: a warm fork server imports these before forking
+    # (measured in docs/benchmarks.md; nothing a kind does not use, torch_tensorrt only for its backends).
+    preload: ClassVar[tuple[str, ...]] = ("torch",)
 
     def __init__(self, config: Any):
         self.config = config
@@ -92,6 +107,9 @@ class Backend:
             return "needs an NVIDIA GPU with CUDA (nvidia-smi found none)"
         return None
 
+    def import_libraries(self) -> None:
+        """Import what build() and load() need beyond torch (timed as the worker's "imports" phase)."""
+
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         """Compile into ctx.artifact_dir; return a record of what was done (goes into build.json)."""
         raise NotImplementedError
@@ -104,3 +122,8 @@ class Backend:
     def load(self, ctx: BuildContext) -> Callable[..., Any]:
         """A callable taking the inputs as keyword arguments, from the artifact in ctx.artifact_dir."""
         raise NotImplementedError
+
+    def after_check(self, ctx: BuildContext) -> dict[str, Any]:
+        """In the worker, after the loaded artifact passed its check: add what makes a later load() start warm
+        (JIT backends: compile caches) to ctx.artifact_dir. Returns facts for the build record."""
+        return {}

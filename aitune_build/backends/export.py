@@ -23,18 +23,23 @@ class ExportBackend(Backend):
     feeds_from = True  # an ExportedProgram: the input of inductor_aot and Torch-TensorRT targets
     artifact = "model.pt2"
     deterministic = True
+    preload = ("torch", "torch._dynamo", "torch._export", "torch._functorch.aot_autograd",
+               "torch.fx.experimental.symbolic_shapes", "aitune_build.backends.exported")
     revision = 2  # 2: stack traces (absolute source paths) left out of the saved program
     exported_program = True  # type: ignore[assignment]
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch
 
-        ep = export_program(ctx.make_module(), ctx, strict=self.config.strict)
+        module = ctx.make_module()
+        with ctx.phase("export"):
+            ep = export_program(module, ctx, strict=self.config.strict)
         # Each node's stack trace names source files by absolute path, so the bytes would depend on where the
         # checkout lies: a release built in another folder would differ. They are debug information only.
         for node in ep.graph.nodes:
             node.meta.pop("stack_trace", None)
-        torch.export.save(ep, str(ctx.artifact_dir / self.artifact))
+        with ctx.phase("save"):
+            torch.export.save(ep, str(ctx.artifact_dir / self.artifact))
         return {"graph_nodes": len(ep.graph.nodes)}
 
     def load(self, ctx: BuildContext):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .base import Backend, BuildContext
-from .export import export_program
+from .export import ExportBackend, export_program
 
 
 class InductorAotBackend(Backend):
@@ -13,6 +13,7 @@ class InductorAotBackend(Backend):
     config_class = "InductorAotConfig"
     takes_from = True
     artifact = "model.pt2"
+    preload = ExportBackend.preload + ("torch._inductor.compile_fx",)
     deterministic = False  # measured: two builds differ (docs/reproducibility.md)
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
@@ -21,10 +22,13 @@ class InductorAotBackend(Backend):
         if ctx.upstream is not None:
             ep = torch.export.load(str(ctx.upstream))
         else:
-            ep = export_program(ctx.make_module(), ctx)
-        torch._inductor.aoti_compile_and_package(
-            ep, package_path=str(ctx.artifact_dir / self.artifact), inductor_configs=dict(self.config.inductor_configs)
-        )
+            module = ctx.make_module()
+            with ctx.phase("export"):
+                ep = export_program(module, ctx)
+        with ctx.phase("compile"):  # compiles and packages in one call
+            torch._inductor.aoti_compile_and_package(
+                ep, package_path=str(ctx.artifact_dir / self.artifact), inductor_configs=dict(self.config.inductor_configs)
+            )
         return {}
 
     def load(self, ctx: BuildContext):

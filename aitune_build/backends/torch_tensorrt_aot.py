@@ -7,6 +7,7 @@ from typing import Any
 from ..errors import UserError
 from . import tensorrt_common as trt
 from .base import Backend, BuildContext
+from .export import ExportBackend
 
 _FILES = {"exported_program": "model.pt2", "torchscript": "model.ts", "aot_inductor": "model.pt2"}
 
@@ -17,6 +18,7 @@ class TorchTensorRTAotBackend(Backend):
     takes_from = True
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
+    preload = ExportBackend.preload + ("torch_tensorrt",)
     deterministic = False  # TensorRT picks tactics by timing
 
     @property
@@ -29,6 +31,9 @@ class TorchTensorRTAotBackend(Backend):
 
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())
+
+    def import_libraries(self) -> None:
+        import torch_tensorrt  # noqa: F401
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         import torch
@@ -46,15 +51,18 @@ class TorchTensorRTAotBackend(Backend):
             module = module.to(getattr(torch, plan.cast))
         example = trt.cast_inputs(ctx.example("opt"), plan.cast)
         dynamic = export_dynamic_shapes(ctx.inputs)
-        ep = torch.export.export(module, args=(), kwargs=example, dynamic_shapes=dynamic, strict=False)
-        compiled = torch_tensorrt.dynamo.compile(ep, arg_inputs=[], kwarg_inputs=trt.trt_inputs(ctx.inputs, plan.cast), **settings)
+        with ctx.phase("export"):
+            ep = torch.export.export(module, args=(), kwargs=example, dynamic_shapes=dynamic, strict=False)
+        with ctx.phase("compile"):
+            compiled = torch_tensorrt.dynamo.compile(ep, arg_inputs=[], kwarg_inputs=trt.trt_inputs(ctx.inputs, plan.cast), **settings)
         # Saved with the dynamic specs: saving with example tensors alone would specialise to their shapes.
         # torchscript (torch.jit.trace) and aot_inductor take the inputs positionally, in the manifest's order, which
         # is the compiled graph's placeholder order (it was exported with the inputs as keywords in that order).
         inputs = {"arg_inputs": [], "kwarg_inputs": example} if self.config.output_format == "exported_program" \
             else {"arg_inputs": list(example.values())}
-        torch_tensorrt.save(compiled, str(ctx.artifact_dir / self.artifact), output_format=self.config.output_format,
-                            dynamic_shapes=dynamic, retrace=True, **inputs)
+        with ctx.phase("save"):
+            torch_tensorrt.save(compiled, str(ctx.artifact_dir / self.artifact), output_format=self.config.output_format,
+                                dynamic_shapes=dynamic, retrace=True, **inputs)
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version}
 
     def load(self, ctx: BuildContext):

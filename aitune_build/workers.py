@@ -1,0 +1,455 @@
+"""Warm worker processes: the imports are paid once per build and backend family, not once per target.
+
+Each compile still runs in a process of its own (a segfault or an OOM kill fails that target only, and its output
+goes to that target's build.log), but the process is *forked* from a fork server that has already imported torch
+and the family's libraries (torch_tensorrt only for the Torch-TensorRT family) — and never initialised CUDA.
+
+    build process ──socket──> fork server (python -m aitune_build.workers FAMILY FD; imports done, no CUDA)
+                                 └─ fork ─> one child per target: fd 1/2 → build.log, worker.main(job), exit
+
+- One server per family and per build process (`Workers`), started at the first target that needs building: a
+  no-op build starts none. Concurrent builds of different projects each have their own servers.
+- A child exits after its target, so nothing it did (CUDA context, Inductor/TensorRT globals, imported user
+  modules, memory) reaches the next target. CUDA is initialised only in children: the server checks after its
+  imports that the CUDA driver is not initialised, and refuses to serve otherwise.
+- The server forgets nothing it must not: it reaps its children and reports their exit status; when the build
+  process goes away (its socket closes) it kills its children and exits. `Workers.interrupt()` (Ctrl-C) kills the
+  running children at once.
+- Where fork is not available (not Linux, `AITUNE_WORKERS=subprocess`, or the server could not start), a worker is
+  a fresh `python -m aitune_build.worker` process as before, and build.log says why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+# What every worker imports besides its backends' `preload` (run_job's own modules).
+COMMON_PRELOAD = ("aitune_build.worker", "aitune_build.check", "aitune_build.inputs", "aitune_build.factory")
+ENV_MODE = "AITUNE_WORKERS"  # "subprocess": no fork server
+
+
+def family_of(kind: str) -> str:
+    return "torch_tensorrt" if kind.startswith("torch_tensorrt") else "torch"
+
+
+def preload_for(kinds: set[str] | frozenset[str], family: str) -> list[str]:
+    """The modules a family's server imports: those of the build's backends in that family, in a stable order."""
+    from .backends import backend_for
+
+    found: list[str] = []
+    for kind in sorted(k for k in kinds if family_of(k) == family):
+        cls = backend_for(kind)
+        for name in (*cls.preload, cls.__module__):
+            if name not in found:
+                found.append(name)
+    return found + [m for m in COMMON_PRELOAD if m not in found]
+
+
+def fork_unavailable() -> str | None:
+    """Why workers are plain processes here; None when a fork server can be used."""
+    if os.environ.get(ENV_MODE, "").lower() == "subprocess":
+        return f"{ENV_MODE}=subprocess"
+    if not sys.platform.startswith("linux") or not hasattr(os, "fork"):
+        return f"fork is not available on {sys.platform}"
+    return None
+
+
+def worker_env() -> dict[str, str]:
+    """The workers' environment: this checkout's package first on PYTHONPATH, byte-code caching on."""
+    env = dict(os.environ)
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+class Interrupted(Exception):
+    """The build was interrupted: no new worker starts."""
+
+
+class Workers:
+    """The build's worker processes: `run()` runs one job in a fresh child and returns its exit code."""
+
+    def __init__(self, kinds: set[str] | frozenset[str] = frozenset()) -> None:
+        self.kinds = set(kinds)  # the backend kinds this build may run: what the servers preload
+        self._servers: dict[str, _ForkServer | str] = {}  # family -> server, or why there is none
+        self._lock = threading.Lock()
+        self._plain: set[Any] = set()  # running plain subprocesses and starting servers, for interrupt()
+        self._interrupted = False
+
+    def run(self, job: Path, log: Path, kind: str, env: dict[str, str]) -> int:
+        """Run `python -m aitune_build.worker JOB` logic in a fresh process with ENV set on top of ours (before CUDA
+        starts: CUDA_VISIBLE_DEVICES); its stdout/stderr go to LOG (truncated). Returns the exit code."""
+        if self._interrupted:
+            raise Interrupted()
+        self.kinds.add(kind)
+        server = self._server(family_of(kind))
+        if self._interrupted:
+            raise Interrupted()
+        if isinstance(server, _ForkServer):
+            with open(log, "wb") as f:
+                f.write(f"aitune-build: worker forked from the warm {server.family} server (pid {server.pid})\n".encode())
+            try:
+                return server.run(job, log, env)
+            except _ServerGone:
+                pass  # died under us (killed?): the job's result is missing, reported as a crash
+            return _LOST
+        with open(log, "wb") as f:
+            f.write(f"aitune-build: worker in a fresh process ({server})\n".encode())
+        return run_plain(job, log, env, self._track, append=True)
+
+    def _server(self, family: str) -> _ForkServer | str:
+        with self._lock:
+            server = self._servers.get(family)
+            if isinstance(server, _ForkServer) and not server.alive():
+                server = None
+            if server is None:
+                server = fork_unavailable() or _ForkServer.start(family, preload_for(self.kinds, family), self._track)
+                self._servers[family] = server
+            return server
+
+    def _track(self, proc: Any, running: bool) -> None:
+        if running:
+            self._plain.add(proc)
+            if self._interrupted:
+                proc.kill()
+        else:
+            self._plain.discard(proc)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: kill every running worker now; later run() calls raise Interrupted."""
+        import signal
+
+        self._interrupted = True  # without the lock: a thread may hold it while a server starts
+        for server in list(self._servers.values()):
+            if isinstance(server, _ForkServer):
+                server.kill_children()
+        for proc in list(self._plain):  # plain workers and servers still importing
+            try:
+                proc.send_signal(signal.SIGKILL)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            servers = [s for s in self._servers.values() if isinstance(s, _ForkServer)]
+            self._servers.clear()
+        for s in servers:
+            s.close()
+
+    def pids(self) -> list[int]:
+        """Process ids of the fork servers (tests)."""
+        return [s.pid for s in self._servers.values() if isinstance(s, _ForkServer)]
+
+
+_LOST = -9  # exit code reported when the server died before telling a child's status
+
+
+def run_plain(job: Path, log: Path, env: dict[str, str], track: Any = None, append: bool = False) -> int:
+    """A fresh `python -m aitune_build.worker JOB` process, its output in LOG; its exit code."""
+    import subprocess
+
+    with open(log, "ab" if append else "wb") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "aitune_build.worker", str(job)], stdout=logf,
+                                stderr=subprocess.STDOUT, env={**worker_env(), **env})
+    if track is not None:
+        track(proc, True)
+    try:
+        return proc.wait()
+    finally:
+        if track is not None:
+            track(proc, False)
+
+
+class _ServerGone(Exception):
+    pass
+
+
+class _ForkServer:
+    """Client side of one fork server: requests go out as JSON lines, a reader thread dispatches the replies."""
+
+    def __init__(self, family: str, proc: Any, sock: Any, reader: Any, ready: dict[str, Any]):
+        self.family, self.proc, self.sock, self.pid = family, proc, sock, proc.pid
+        self._file = reader
+        self.import_seconds = ready.get("imports", 0.0)
+        self._send_lock = threading.Lock()
+        self._waiters: dict[int, dict[str, Any]] = {}
+        self._cond = threading.Condition()
+        self._next = 0
+        self._gone = False
+        self._reader = threading.Thread(target=self._read, name=f"aitune-forkserver-{family}", daemon=True)
+        self._reader.start()
+
+    @classmethod
+    def start(cls, family: str, preload: list[str], track: Any) -> _ForkServer | str:
+        """A ready server, or why none could start (the reason is written to each build.log)."""
+        import socket
+        import subprocess
+        import tempfile
+
+        ours, theirs = socket.socketpair()
+        errors = tempfile.TemporaryFile()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", str(theirs.fileno()), *preload],
+                                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=errors,
+                                    stderr=subprocess.STDOUT, env=worker_env())
+        except OSError as e:
+            ours.close()
+            return f"fork server could not start: {e}"
+        finally:
+            theirs.close()
+        track(proc, True)
+        try:
+            reader = ours.makefile("rb")
+            line = reader.readline()
+        finally:
+            track(proc, False)
+        try:
+            ready = json.loads(line) if line else {}
+        except ValueError:
+            ready = {}
+        if not ready.get("ready"):
+            ours.close()
+            proc.wait()
+            errors.seek(0)
+            tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            why = ready.get("refused") or " / ".join(tail) or f"exit code {proc.returncode}"
+            return f"fork server for {family} unavailable: {why}"
+        errors.close()
+        return cls(family, proc, ours, reader, ready)
+
+    def alive(self) -> bool:
+        return not self._gone and self.proc.poll() is None
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        data = (json.dumps(msg) + "\n").encode()
+        with self._send_lock:
+            try:
+                self.sock.sendall(data)
+            except OSError:
+                raise _ServerGone() from None
+
+    def run(self, job: Path, log: Path, env: dict[str, str]) -> int:
+        with self._cond:
+            self._next += 1
+            rid = self._next
+            self._waiters[rid] = {}
+        try:
+            self._send({"id": rid, "job": str(job), "log": str(log), "cwd": os.getcwd(), "env": env})
+            with self._cond:
+                while "rc" not in self._waiters[rid] and not self._gone:
+                    self._cond.wait()
+                if "rc" not in self._waiters[rid]:
+                    raise _ServerGone()
+                return self._waiters[rid]["rc"]
+        finally:
+            with self._cond:
+                self._waiters.pop(rid, None)
+
+    def _read(self) -> None:
+        try:
+            for line in self._file:
+                msg = json.loads(line)
+                with self._cond:
+                    w = self._waiters.get(msg.get("id"))
+                    if w is not None:
+                        w.update(msg)
+                        self._cond.notify_all()
+        except Exception:  # a broken line or socket: the server is of no further use
+            pass
+        with self._cond:
+            self._gone = True
+            self._cond.notify_all()
+
+    def kill_children(self) -> None:
+        import signal
+
+        with self._cond:
+            pids = [w["pid"] for w in self._waiters.values() if "pid" in w and "rc" not in w]
+        for pid in pids:  # directly: the server may be busy; it reaps them
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self._send({"kill": True})
+        except _ServerGone:
+            pass
+
+    def close(self) -> None:
+        import socket
+
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the server sees EOF: kills any child left, exits
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- the server process -------------------------------------------------------------------------------------------
+
+def _cuda_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (after which a forked child cannot use CUDA).
+
+    Asks libcuda only if it is already loaded: cuDeviceGetCount returns CUDA_ERROR_NOT_INITIALIZED (3) before cuInit."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    if "libcuda.so" not in maps:
+        return False
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        n = ctypes.c_int(0)
+        return lib.cuDeviceGetCount(ctypes.byref(n)) != 3
+    except OSError:
+        return False
+
+
+def serve(fd: int, preload: list[str]) -> int:
+    import importlib
+    import select
+    import signal
+    import socket
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the build process's to handle (and the children's)
+    # torch.cuda.is_available() through NVML, which does not initialise CUDA: libraries call it at import.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    sock = socket.socket(fileno=fd)
+
+    def send(msg: dict[str, Any]) -> None:
+        sock.sendall((json.dumps(msg) + "\n").encode())
+
+    t0 = time.perf_counter()
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            send({"refused": f"cannot import {name}: {e}"})
+            return 1
+    imports = time.perf_counter() - t0
+    if _cuda_initialised():
+        send({"refused": "CUDA was initialised while importing the backend libraries; a forked child could not use it"})
+        return 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: dict[int, int] = {}  # pid -> request id
+    send({"ready": True, "imports": imports, "modules": len(sys.modules), "pid": os.getpid()})
+    buf = b""
+    closing = False
+    while not closing or children:
+        readable, _, _ = select.select([wake_r] + ([] if closing else [sock]), [], [], 1.0)
+        if wake_r in readable:
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            rid = children.pop(pid, None)
+            if rid is not None and not closing:
+                try:
+                    send({"id": rid, "rc": os.waitstatus_to_exitcode(status)})
+                except OSError:
+                    closing = True
+        if closing or sock not in readable:
+            continue
+        data = sock.recv(65536)
+        if not data:  # the build process is gone or done: nothing of ours may outlive it
+            closing = True
+            for pid in children:
+                _kill(pid)
+            continue
+        buf += data
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            req = json.loads(line)
+            if req.get("kill"):
+                for pid in children:
+                    _kill(pid)
+                continue
+            pid = os.fork()
+            if pid == 0:
+                os._exit(_child(req, sock, wake_r, wake_w))
+            children[pid] = req["id"]
+            send({"id": req["id"], "pid": pid})
+    return 0
+
+
+def _kill(pid: int) -> None:
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this child if the fork server dies (killed itself, it could not kill its children)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _child(req: dict[str, Any], sock: Any, *fds: int) -> int:
+    """In the forked child: undo the server's settings, send fd 1/2 to the target's log, run the job."""
+    import signal
+    import traceback
+
+    started = time.time()
+    try:
+        _die_with_parent()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sock.close()
+        for fd in fds:
+            os.close(fd)
+        log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        os.chdir(req["cwd"])
+        os.environ.update(req.get("env") or {})  # before anything starts CUDA (CUDA_VISIBLE_DEVICES)
+        from . import worker
+
+        rc = worker.main([req["job"]], started)
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(serve(int(sys.argv[1]), sys.argv[2:]))

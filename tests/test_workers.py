@@ -1,0 +1,155 @@
+"""Warm workers: children of a fork server that imported torch once; each target still in a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli
+
+CRASH = "import os, signal\n\n\ndef build():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
+# A module-level global that a target's factory sets: a child that saw another target's value fails the build.
+STATEFUL = (
+    "import torch\n\nSEEN = set()\n\n\n"
+    "def build(tag=0):\n"
+    "    SEEN.add(tag)\n"
+    "    if len(SEEN) > 1:\n"
+    "        raise RuntimeError(f'leftover from an earlier target: {sorted(SEEN)}')\n"
+    "    return torch.nn.Linear(2, 2)\n"
+)
+SLEEPY = (
+    "import os, pathlib, time\n\n\n"
+    "def build():\n"
+    "    pathlib.Path(os.environ['AITUNE_TEST_MARK']).write_text(str(os.getpid()))\n"
+    "    time.sleep(300)\n"
+)
+
+
+def add(project: Path, text: str) -> None:
+    (project / "aitune.toml").write_text((project / "aitune.toml").read_text() + text)
+
+
+def build(root: Path, *args: str) -> dict:
+    code, out, data = run_cli(root, "build", "--json", *args)
+    assert data is not None, out
+    data["code"] = code
+    return data
+
+
+def by_name(data: dict) -> dict:
+    return {t["name"]: t for t in data["targets"]}
+
+
+def test_segfault_fails_its_target_only_and_the_next_target_builds_warm(project: Path) -> None:
+    (project / "models/crash.py").write_text(CRASH)
+    add(project, '\n[modules.crash]\nfactory = "models.crash:build"\ninputs = [{ name = "x", shape = [2] }]\n'
+                 '[targets.a_crash]\nmodule = "crash"\nbackend = "exp"\n')
+    data = build(project, "-k", "a_crash", "mlp_export", "mlp_eager")
+    st = by_name(data)
+    assert data["code"] == 1
+    assert st["a_crash"]["status"] == "failed" and "SIGSEGV" in st["a_crash"]["reason"], st["a_crash"]
+    assert st["mlp_export"]["status"] == "built" and st["mlp_eager"]["status"] == "built"
+    # all three were forked from one warm server; each log is its own
+    logs = {n: (project / "build" / n / "build.log").read_text() for n in st}
+    pids = set()
+    for name, log in logs.items():
+        first = log.splitlines()[0]
+        assert first.startswith("aitune-build: worker forked from the warm torch server"), (name, log)
+        pids.add(first)
+    assert len(pids) == 1, pids
+    assert "SIGSEGV" not in logs["mlp_export"] and "segmentation" not in logs["mlp_export"].lower()
+
+
+def test_a_childs_module_globals_do_not_reach_the_next_target(project: Path) -> None:
+    (project / "models/stateful.py").write_text(STATEFUL)
+    add(project, '\n[modules.s1]\nfactory = "models.stateful:build"\nargs = { tag = 1 }\ninputs = [{ name = "input", shape = [1, 2] }]\n'
+                 '[modules.s2]\nfactory = "models.stateful:build"\nargs = { tag = 2 }\ninputs = [{ name = "input", shape = [1, 2] }]\n'
+                 '[targets.s1_export]\nmodule = "s1"\nbackend = "exp"\n[targets.s2_export]\nmodule = "s2"\nbackend = "exp"\n')
+    data = build(project, "s1_export", "s2_export")
+    assert data["code"] == 0, data
+    assert {t["status"] for t in data["targets"]} == {"built"}
+    # the same two factories in one process do see each other's leftovers: the check above could fail
+    sys.path.insert(0, str(project))
+    try:
+        from models import stateful  # type: ignore[import-not-found]
+
+        stateful.build(1)
+        with pytest.raises(RuntimeError, match="leftover"):
+            stateful.build(2)
+    finally:
+        sys.path.remove(str(project))
+        for m in [m for m in sys.modules if m == "models" or m.startswith("models.")]:
+            del sys.modules[m]
+
+
+def test_build_json_has_per_phase_timings(project: Path) -> None:
+    assert build(project, "mlp_export")["code"] == 0
+    timings = json.loads((project / "build/mlp_export/build.json").read_text())["timings"]
+    for phase in ("worker_start", "imports", "construct", "export", "save", "build", "load", "check", "first_call",
+                  "worker", "worker_total"):
+        assert isinstance(timings.get(phase), float) and timings[phase] >= 0, (phase, timings)
+    assert timings["export"] + timings["save"] <= timings["build"]
+    assert timings["worker_total"] >= timings["worker"]
+
+
+def test_without_fork_a_fresh_process_builds_and_the_log_says_why(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AITUNE_WORKERS", "subprocess")
+    data = build(project, "mlp_export")
+    assert data["code"] == 0 and by_name(data)["mlp_export"]["status"] == "built"
+    first = (project / "build/mlp_export/build.log").read_text().splitlines()[0]
+    assert first == "aitune-build: worker in a fresh process (AITUNE_WORKERS=subprocess)"
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # a zombie not yet reaped by init counts as gone
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_build_promptly_kills_the_worker_and_stores_nothing(project: Path, tmp_path: Path) -> None:
+    (project / "models/sleepy.py").write_text(SLEEPY)
+    add(project, '\n[modules.sleepy]\nfactory = "models.sleepy:build"\ninputs = [{ name = "x", shape = [2] }]\n'
+                 '[targets.sleepy_export]\nmodule = "sleepy"\nbackend = "exp"\n')
+    mark = tmp_path / "mark"
+    env = {**os.environ, "AITUNE_TEST_MARK": str(mark), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "sleepy_export"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert mark.exists(), proc.communicate()[0]
+        child = int(mark.read_text())
+        server = int((project / "build/sleepy_export/build.log").read_text().split("(pid ")[1].split(")")[0])
+        assert child != server and child != proc.pid
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert time.monotonic() - t0 < 10, "not prompt"
+        assert proc.returncode != 0, out
+        assert _gone(child, 5) and _gone(server, 5), "a worker process outlived the build"
+        assert not (project / "build/sleepy_export/build.json").exists()
+        objects = project / ".aitune/store-v1/objects"
+        assert not objects.exists() or not any(objects.rglob("entry.json"))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,9 +1,11 @@
-"""torch.compile with Inductor: the build compiles, warms up and checks; the artifact is the record; load recompiles."""
+"""torch.compile with Inductor: the build compiles, warms up and checks; the artifact is the record plus PyTorch's
+compile caches of that compile (compile_cache.py), so load() recompiles warm."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import compile_cache
 from .base import Backend, BuildContext
 
 
@@ -12,6 +14,8 @@ class InductorJitBackend(Backend):
     config_class = "InductorJitConfig"
     takes_from = True
     artifact = "record.json"
+    preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx")
+    revision = 2  # 2: PyTorch's compile caches stored with the record
 
     def _compile(self, ctx: BuildContext):
         import torch
@@ -25,5 +29,10 @@ class InductorJitBackend(Backend):
         self.write_record(ctx)
         return {}
 
+    def after_check(self, ctx: BuildContext) -> dict[str, Any]:
+        with ctx.phase("save"):
+            return compile_cache.save(ctx.artifact_dir)
+
     def load(self, ctx: BuildContext):
-        return self._compile(ctx)
+        compile_cache.restore(ctx.artifact_dir)
+        return compile_cache.NoGradCall(self._compile(ctx))

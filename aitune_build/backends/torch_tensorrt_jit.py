@@ -1,10 +1,12 @@
 """torch.compile(backend="torch_tensorrt"): compiled at run time. The build compiles, warms up and checks; the stored
-artifact is the record plus torch_tensorrt's engine cache for this key, so a later load() starts warm."""
+artifact is the record plus torch_tensorrt's engine cache for this key and PyTorch's compile caches
+(compile_cache.py), so a later load() starts warm."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import compile_cache
 from . import tensorrt_common as trt
 from .base import Backend, BuildContext
 
@@ -16,11 +18,16 @@ class TorchTensorRTJitBackend(Backend):
     config_class = "TorchTensorRTJitConfig"
     takes_from = True
     artifact = "record.json"
+    preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch_tensorrt")
+    revision = 2  # 2: PyTorch's compile caches stored with the record
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
 
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())
+
+    def import_libraries(self) -> None:
+        import torch_tensorrt  # noqa: F401
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         _, plan, version = trt.prepare(ctx, self.config)
@@ -28,9 +35,14 @@ class TorchTensorRTJitBackend(Backend):
         (ctx.artifact_dir / ENGINE_CACHE).mkdir(exist_ok=True)
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version, "engine_cache": self.config.engine_cache}
 
+    def after_check(self, ctx: BuildContext) -> dict[str, Any]:
+        with ctx.phase("save"):
+            return compile_cache.save(ctx.artifact_dir)
+
     def load(self, ctx: BuildContext):
         import torch
 
+        compile_cache.restore(ctx.artifact_dir)
         settings, plan, _ = trt.prepare(ctx, self.config)
         module = ctx.source_module()
         if plan.cast:
@@ -43,7 +55,7 @@ class TorchTensorRTJitBackend(Backend):
                            engine_cache_dir=str(ctx.artifact_dir / ENGINE_CACHE))
         compiled = torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
                                  dynamic=self.config.dynamic_shapes, options=options)
-        fn = trt.CastingCall(compiled, plan.cast)
+        fn = compile_cache.NoGradCall(trt.CastingCall(compiled, plan.cast))
         if self.config.autocast_enabled and self.config.autocast_dtype:
             dtype = getattr(torch, self.config.autocast_dtype)
 

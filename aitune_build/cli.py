@@ -311,7 +311,8 @@ def explain(obj: _Ctx, target: str, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps({"name": target, "state": found.staleness.state, "key": found.key,
                                    "previous_key": last.get("key") if last else None, "changes": changes,
-                                   "reasons": [describe(c) for c in changes]}, indent=2))
+                                   "reasons": [describe(c) for c in changes],
+                                   "timings": last.get("timings") if last else None}, indent=2))
         else:
             click.echo(f"{target}: {found.staleness.state}")
             if last and found.key and last.get("key") != found.key:

@@ -106,7 +106,8 @@ class Workers:
     def _server(self, family: str) -> _ForkServer | str:
         with self._lock:
             server = self._servers.get(family)
-            if isinstance(server, _ForkServer) and not server.alive():
+            if isinstance(server, _ForkServer) and not server.alive():  # killed: start another one
+                server.close()
                 server = None
             if server is None:
                 server = fork_unavailable() or _ForkServer.start(family, preload_for(self.kinds, family), self._track)
@@ -406,17 +407,6 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """SIGKILL this child if the fork server dies (killed itself, it could not kill its children)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _child(req: dict[str, Any], sock: Any, *fds: int) -> int:
     """In the forked child: undo the server's settings, send fd 1/2 to the target's log, run the job."""
     import signal
@@ -424,7 +414,6 @@ def _child(req: dict[str, Any], sock: Any, *fds: int) -> int:
 
     started = time.time()
     try:
-        _die_with_parent()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -27,14 +27,15 @@ import time
 from pathlib import Path
 
 
-def project(root: Path, n: int) -> Path:
+def project(root: Path, n: int, shared_key: bool = False) -> Path:
     (root / "models").mkdir(parents=True)
     (root / "models/__init__.py").write_text("")
     (root / "models/lin.py").write_text("import torch\n\n\ndef build(width=4):\n    return torch.nn.Linear(width, 2)\n")
     lines = ['[project]\nname = "noop"\n', '[backends.ref]\nkind = "eager"\n',
              '[modules.lin]\nfactory = "models.lin:build"\ninputs = [{ name = "input", shape = [2, 4] }]\n']
     for i in range(n):
-        lines.append(f'[targets.t{i}]\nmodule = "lin"\nbackend = "ref"\ncheck = {{ seed = {i} }}\n')
+        check = "" if shared_key else f"check = {{ seed = {i} }}\n"  # shared: one build, the rest restored
+        lines.append(f'[targets.t{i}]\nmodule = "lin"\nbackend = "ref"\n{check}')
     (root / "aitune.toml").write_text("\n".join(lines))
     return root
 
@@ -70,26 +71,32 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--no-hash", action="store_true", help="skip the 1 GiB hashing row")
+    ap.add_argument("--shared-key", action="store_true",
+                    help="identical targets (one key): the first build compiles once and restores the rest")
     args = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
-    print("| targets | first build (s) | no-op build median (s) | python -c pass (s) | make no-op (s) | no-op / python | (no-op − python) / targets (ms) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| targets | first build (s) | no-op build median (s) | python -c pass (s) | make no-op (s) | no-op / python | (no-op − python) / targets (ms) | click path (s) | click / python |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
-        root = project(Path(tempfile.mkdtemp()) / "p", n)
+        root = project(Path(tempfile.mkdtemp()) / "p", n, args.shared_key)
         cmd = [sys.executable, "-m", "aitune_build", "-C", str(root), "build", "-j", "2"]
         first = timed(cmd)
         for f in [*root.rglob("*.py"), root / "aitune.toml"]:  # past the stat cache's racy window
             st = f.stat()
             os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns - 10_000_000_000))
         make = makefile(root, n)
+        # the same build through the click CLI, past the no-op fast path of `python -m aitune_build` (quick.py)
+        click_cmd = [sys.executable, "-c", "from aitune_build.cli import main; main(prog_name='aitune-build')", *cmd[3:]]
         timed(cmd), timed(make)
-        ours, floor, makes = [], [], []
+        ours, floor, makes, clicks = [], [], [], []
         for _ in range(args.repeat):
             ours.append(timed(cmd))
             floor.append(timed([sys.executable, "-c", "pass"]))
             makes.append(timed(make))
-        noop, py, mk = statistics.median(ours), statistics.median(floor), statistics.median(makes)
-        print(f"| {n} | {first:.1f} | {noop:.3f} | {py:.3f} | {mk:.3f} | {noop / py:.1f}× | {1000 * (noop - py) / n:.2f} |", flush=True)
+            clicks.append(timed(click_cmd))
+        noop, py, mk, ck = statistics.median(ours), statistics.median(floor), statistics.median(makes), statistics.median(clicks)
+        print(f"| {n} | {first:.1f} | {noop:.3f} | {py:.3f} | {mk:.3f} | {noop / py:.1f}× | {1000 * (noop - py) / n:.2f} "
+              f"| {ck:.3f} | {ck / py:.1f}× |", flush=True)
     if args.no_hash:
         return
 

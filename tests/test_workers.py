@@ -97,6 +97,8 @@ def test_build_json_has_per_phase_timings(project: Path) -> None:
         assert isinstance(timings.get(phase), float) and timings[phase] >= 0, (phase, timings)
     assert timings["export"] + timings["save"] <= timings["build"]
     assert timings["worker_total"] >= timings["worker"]
+    code, out, data = run_cli(project, "explain", "--json", "mlp_export")
+    assert code == 0 and data["timings"] == timings, out
 
 
 def test_without_fork_a_fresh_process_builds_and_the_log_says_why(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:

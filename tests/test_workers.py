@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli
+from .test_tensorrt import gpu_project, needs_gpu  # noqa: F401  (the GPU project fixture)
 
 CRASH = "import os, signal\n\n\ndef build():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
 # A module-level global that a target's factory sets: a child that saw another target's value fails the build.
@@ -155,3 +156,21 @@ def test_ctrl_c_stops_the_build_promptly_kills_the_worker_and_stores_nothing(pro
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_targets_build_in_children_of_warm_servers_per_family(gpu_project: Path) -> None:  # noqa: F811
+    """export on cuda from the torch server, Torch-TensorRT from its own server (the only one importing
+    torch_tensorrt); CUDA starts in the children only (the server refuses otherwise, and the log would say so)."""
+    names = ["cnn_export", "cnn_aot32", "cnn_jit16"]
+    code, out, data = run_cli(gpu_project, "build", "-k", "--json", *names)
+    assert code == 0, out
+    first = {n: (gpu_project / "build" / n / "build.log").read_text().splitlines()[0] for n in names}
+    assert first["cnn_export"].startswith("aitune-build: worker forked from the warm torch server"), first
+    assert first["cnn_aot32"].startswith("aitune-build: worker forked from the warm torch_tensorrt server"), first
+    assert first["cnn_jit16"].startswith("aitune-build: worker forked from the warm torch_tensorrt server"), first
+    rec = json.loads((gpu_project / "build/cnn_jit16/build.json").read_text())
+    assert isinstance(rec["record"].get("compile_cache"), (dict, str)), rec["record"]
+    timings = json.loads((gpu_project / "build/cnn_aot32/build.json").read_text())["timings"]
+    assert {"export", "compile", "save", "imports", "worker_start"} <= set(timings), timings

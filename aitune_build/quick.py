@@ -80,10 +80,13 @@ def try_noop(argv: list[str]) -> int | None:
         from . import lockfile
 
         lockfile.update(project, results)
+        project.close()  # the stat cache, as the CLI saves it
     except (_NeedsWork, NeedsWork, AituneError, OSError, KeyError, ValueError):
         os.chdir(cwd)
         return None
-    summary = {s: sum(r.status == s for r in results) for s in ("built", "cached", "failed", "skipped")}
+    from .status import Status
+
+    summary = {s.value: sum(r.status == s for r in results) for s in Status}
     lines.append(", ".join(f"{v} {k}" for k, v in summary.items()) + f" in {time.perf_counter() - t0:.2f}s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

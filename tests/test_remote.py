@@ -365,6 +365,7 @@ def test_bad_remote_settings_are_one_line_naming_the_key(tmp_path: Path, line: s
     assert "sk@" not in err
 
 
+@pytest.mark.slow
 def test_without_obstore_one_warning_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
     root = make_project(tmp_path / "proj")

@@ -50,13 +50,21 @@ class _Ctx:
                 raise UserError(f"-C {self.directory}: {e.strerror}") from None
         return Path(self.manifest or "aitune.toml")
 
-    def open(self, readonly_cache: bool = False, gpus: str | None = None, gpu_model: str | None = None) -> Any:
-        """The project, closed (its stat cache saved) when the command ends, however it ends."""
+    def open(self, readonly_cache: bool = False, gpus: str | None = None, gpu_model: str | None = None,
+             remote_readonly: bool = False, no_remote: bool = False) -> Any:
+        """The project, closed (its stat cache saved, remote uploads waited for) when the command ends, however it ends."""
         from .project import Project
 
         project = Project.open(self.manifest_path(), readonly_cache=readonly_cache, gpus=gpus, gpu_model=gpu_model)
+        project.remote_mode = "read" if remote_readonly else None
+        project.remote_disabled = no_remote
         click.get_current_context().call_on_close(project.close)
         return project
+
+
+def _remote_options(fn: Any) -> Any:
+    fn = click.option("--no-remote", is_flag=True, help="Ignore the remote cache for this run.")(fn)
+    return click.option("--remote-readonly", is_flag=True, help="Read the remote cache, never upload (pull requests).")(fn)
 
 
 def _run(fn: Any) -> None:
@@ -96,10 +104,12 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @click.option("--gpu-model", metavar="MODEL", help="Build GPU targets on GPUs of this model only (e.g. H100); overrides [project] gpu_model.")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Where to compile (default: [project] executor, else local).")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to use with --executor ray (default: $RAY_ADDRESS).")
+@_remote_options
 @click.pass_obj
 def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
               locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool, gpus: str | None,
-              gpu_model: str | None, executor: str | None, ray_address: str | None) -> None:
+              gpu_model: str | None, executor: str | None, ray_address: str | None, remote_readonly: bool,
+              no_remote: bool) -> None:
     """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
 
     def go() -> int:
@@ -109,7 +119,8 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         from .plan import select
         from .project import survey
 
-        project = obj.open(readonly_cache=cache_readonly, gpus=gpus, gpu_model=gpu_model)
+        project = obj.open(readonly_cache=cache_readonly, gpus=gpus, gpu_model=gpu_model, remote_readonly=remote_readonly,
+                           no_remote=no_remote)
         order = select(project.manifest.model, targets)
         runner = None
         if (executor or project.manifest.model.project.executor) == "ray":
@@ -132,6 +143,9 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
         results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
                                                      check_reproducible=check_reproducible), reporter, runner)
         reporter.close()
+        from .remote import save_run
+
+        save_run(project)
         if not cache_readonly and not locked:
             lockfile.update(project, results)
         drift = lockfile.artifact_drift(project, results) if locked else {}
@@ -141,6 +155,8 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             doc = {"targets": [r.as_json() for r in results], "summary": summary}
             if drift:
                 doc["lock_artifacts"] = drift
+            if project._remote:
+                doc["remote"] = project._remote.summary()
             click.echo(json.dumps(doc, indent=2))
         else:
             click.echo(", ".join(f"{v} {k}" for k, v in summary.items() if k != "seconds") + f" in {summary['seconds']:.2f}s")
@@ -257,8 +273,9 @@ class _Reporter:
 @main.command()
 @click.argument("targets", nargs=-1)
 @click.option("--json", "as_json", is_flag=True)
+@_remote_options
 @click.pass_obj
-def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
+def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool, remote_readonly: bool, no_remote: bool) -> None:
     """Up to date, stale (with reasons) or never built; and out of date against aitune.lock."""
 
     def go() -> int:
@@ -266,12 +283,12 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
         from .plan import select
         from .project import survey
 
-        project = obj.open()
+        project = obj.open(remote_readonly=remote_readonly, no_remote=no_remote)
         found = survey(project, select(project.manifest.model, targets))
         lock_diff = lockfile.compare(project, found)
-        project.close()
         rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
                  "changes": s.staleness.changes, "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
+        _mark_remote(project, rows)
         if as_json:
             click.echo(json.dumps({"targets": rows}, indent=2))
         else:
@@ -284,12 +301,35 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
     _run(go)
 
 
+def _mark_remote(project: Any, rows: list[dict[str, Any]]) -> None:
+    """`up-to-date (remote)` for targets whose current key only the remote cache holds (never the network otherwise)."""
+    from .remote import configured
+
+    if configured(project)[0] is None or project.remote_disabled:
+        return
+    wanted = [r for r in rows if r["state"] != "up-to-date" and r["key"] is not None]
+    if not wanted or project.remote is None:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        held = list(pool.map(lambda r: project.remote.has(r["key"]), wanted))
+    for r, h in zip(wanted, held):
+        if h:
+            r["state"] = "up-to-date (remote)"
+            r["reasons"] = [*r["reasons"], f"the remote cache holds key {r['key']}"]
+
+
 @main.command()
 @click.argument("target")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--remote", "against_remote", is_flag=True, help="Compare with what the remote cache holds for TARGET.")
 @click.pass_obj
-def explain(obj: _Ctx, target: str, as_json: bool) -> None:
+def explain(obj: _Ctx, target: str, as_json: bool, against_remote: bool) -> None:
     """Which key components changed since TARGET's last build: the answer to "why did this rebuild?"."""
+    if against_remote:
+        _run(lambda: _explain_remote(obj, target, as_json))
+        return
 
     def go() -> int:
         from .keys import component_changes
@@ -324,6 +364,40 @@ def explain(obj: _Ctx, target: str, as_json: bool) -> None:
         return EXIT_OK
 
     _run(go)
+
+
+def _explain_remote(obj: _Ctx, target: str, as_json: bool) -> int:
+    from .keys import diff_components
+    from .plan import select
+    from .project import survey
+    from .remote import Outage, require
+
+    project = obj.open()
+    found = survey(project, select(project.manifest.model, [target]))[target]
+    remote = require(project)
+    doc: dict[str, Any] = {"name": target, "key": found.key, "remote": remote.display, "remote_key": None, "holds": False}
+    if found.components is None:
+        doc["changes"] = found.staleness.reasons
+    else:
+        try:
+            pointer = remote.pointer(target, found.components["toolchain"])
+            doc["holds"] = remote.has(found.key)
+        except Outage as e:
+            raise AituneError(f"remote cache {remote.display} unavailable: {e}") from None
+        if pointer is None:
+            doc["changes"] = [f"the remote has no upload of '{target}' from project '{project.manifest.model.project.name}'"]
+        else:
+            doc["remote_key"] = pointer["key"]
+            doc["changes"] = diff_components(pointer["components"], found.components) if pointer["key"] != found.key else []
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return EXIT_OK
+    click.echo(f"{target}: {'the remote cache holds this key' if doc['holds'] else 'not in the remote cache'} ({doc['remote']})")
+    if doc["remote_key"] and doc["remote_key"] != found.key:
+        click.echo(f"  remote's last upload {doc['remote_key']} -> here {found.key}")
+    for line in doc["changes"]:
+        click.echo(f"  {line}")
+    return EXIT_OK
 
 
 @main.command()
@@ -414,6 +488,122 @@ def gc(obj: _Ctx, max_size: str, as_json: bool) -> None:
             click.echo(json.dumps({"removed": removed, "bytes_left": left}, indent=2))
         else:
             click.echo(f"removed {len(removed)} entries; {left} bytes left")
+        return EXIT_OK
+
+    _run(go)
+
+
+@main.group()
+def cache() -> None:
+    """The shared remote cache: push, pull, stats, prune."""
+
+
+def _print_outcomes(outcomes: dict[str, str], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"targets": outcomes}, indent=2))
+    else:
+        for name, what in outcomes.items():
+            click.echo(f"{name:<24} {what}")
+
+
+@cache.command("push")
+@click.argument("targets", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def cache_push(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
+    """Upload what is built locally (TARGETS and their upstreams; default all), e.g. from a nightly job."""
+
+    def go() -> int:
+        from .remote import push
+
+        project = obj.open()
+        outcomes = push(project, targets)
+        _print_outcomes(outcomes, as_json)
+        return EXIT_FAILED if any(v.startswith("remote unavailable") for v in outcomes.values()) else EXIT_OK
+
+    _run(go)
+
+
+@cache.command("pull")
+@click.argument("targets", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def cache_pull(obj: _Ctx, targets: tuple[str, ...], as_json: bool) -> None:
+    """Download TARGETS' current entries into the local cache (default all), e.g. before an offline job."""
+
+    def go() -> int:
+        from .remote import pull
+
+        project = obj.open()
+        outcomes = pull(project, targets)
+        _print_outcomes(outcomes, as_json)
+        return EXIT_OK
+
+    _run(go)
+
+
+@cache.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def cache_stats(obj: _Ctx, as_json: bool) -> None:
+    """Entries and bytes in the local and the remote cache, and the last build's remote hits and uploads."""
+
+    def go() -> int:
+        from .remote import stats
+
+        project = obj.open()
+        doc = stats(project)
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+            return EXIT_OK
+        loc = doc["local"]
+        click.echo(f"local   {loc['entries']} entries, {loc['bytes']} bytes  ({loc['path']})")
+        rem = doc["remote"]
+        if rem is None:
+            click.echo("remote  none configured")
+        elif "unavailable" in rem:
+            click.echo(f"remote  {rem['url']}: unavailable ({rem['unavailable']})")
+        else:
+            click.echo(f"remote  {rem['entries']} entries, {rem['blobs']} blobs, {rem['bytes']} bytes  ({rem['url']}, {rem['mode']})")
+        last = doc["last_build"]
+        if last:
+            click.echo(f"last build: {last['hits']} downloaded, {last['misses']} missed ({last['corrupt']} corrupt), "
+                       f"{last['uploaded']} uploaded, {last['bytes_down']} bytes down, {last['bytes_up']} bytes up")
+        return EXIT_OK
+
+    _run(go)
+
+
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+
+
+@cache.command("prune")
+@click.option("--remote", "remote_flag", is_flag=True, required=True, help="Prune the remote cache (gc prunes the local one).")
+@click.option("--older-than", required=True, help="Age of entries to delete, e.g. 30d, 12h.")
+@click.option("-n", "--dry-run", is_flag=True, help="Say what would go; delete nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def cache_prune(obj: _Ctx, remote_flag: bool, older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Delete remote entries uploaded more than --older-than ago, and the blobs only they used."""
+
+    def go() -> int:
+        from .remote import Outage, require
+
+        m = _AGE.match(older_than)
+        if not remote_flag or not m:
+            raise UserError(f"--older-than: cannot read '{older_than}' as an age (e.g. 30d, 12h)")
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+        project = obj.open()
+        remote = require(project, write=True)
+        try:
+            doc = remote.prune(seconds, dry_run=dry_run)
+        except Outage as e:
+            raise AituneError(f"remote cache {remote.display} unavailable: {e}") from None
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            verb = "would remove" if dry_run else "removed"
+            click.echo(f"{verb} {doc['entries_removed']} entries and {doc['blobs_removed']} blobs ({doc['bytes_freed']} bytes)")
         return EXIT_OK
 
     _run(go)

@@ -51,12 +51,15 @@ class TargetResult:
     record: dict[str, Any] = field(default_factory=dict)
     gpu: dict[str, str] | None = None  # the GPU it was built on in this run (gpus.Gpu.as_json)
     node: str | None = None  # the Ray node it was built on (--executor ray)
+    source: str | None = None  # "local" | "remote" | "built": where a built or cached artifact came from
 
     def as_json(self) -> dict[str, Any]:
         doc = {"name": self.name, "status": self.status, "key": self.key, "seconds": round(self.seconds, 3), "reason": self.reason,
                "gpu": self.gpu}
         if self.node is not None:
             doc["node"] = self.node
+        if self.source is not None:
+            doc["source"] = self.source
         return doc
 
 
@@ -153,6 +156,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     if runner is None:
         runner = LocalRunner(project, options.jobs)
         runner.kinds = {man.backends[man.targets[n].backend].kind for n in order}
+    # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
+    # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
+    extra, gate = 0, None
     stop = threading.Event()
 
     def finish(res: TargetResult, t0: float) -> None:
@@ -164,7 +170,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 
     def run(job: _Job) -> TargetResult:
         try:
-            return _build_one(project, job, options, runner, listen)
+            return _build_one(project, job, options, runner, listen, gate)
         except ReproducibilityError as e:
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="backend")
         except UserError as e:
@@ -180,7 +186,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 if up is not None and up not in results:
                     continue  # upstream still pending or running
                 gpu_bound = _gpu_bound(man, name)
-                if sum(r[2] == gpu_bound for r in running.values()) >= runner.slots(gpu_bound):
+                if sum(r[2] == gpu_bound for r in running.values()) >= runner.slots(gpu_bound) + extra:
                     continue  # this class (CPU or GPU) is at capacity; the other may still start
                 pending.remove(name)
                 t0 = time.perf_counter()
@@ -200,13 +206,18 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                     finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
                     continue
                 if job.current is not None and not options.check_reproducible:
-                    finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current), t0)
+                    finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current, source="local"), t0)
                     continue
                 if options.settle_only:
                     raise NeedsWork(name)
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
 
+                    from .remote import REMOTE_FETCHES, configured
+
+                    if configured(project)[0] is not None and not project.remote_disabled:
+                        extra = REMOTE_FETCHES
+                        gate = {c: threading.Semaphore(runner.slots(c)) for c in (False, True)}
                     pool = ThreadPoolExecutor(max_workers=len(order))  # the slots above bound what runs
                 running[pool.submit(run, job)] = (name, t0, gpu_bound)
             if not running:
@@ -224,6 +235,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
         if pool is not None:
             pool.shutdown(wait=True)
         runner.close()
+        project.finish_uploads()  # remote uploads overlap the build and end before it returns
     return [results[n] for n in order]  # the project is its opener's to close
 
 
@@ -258,15 +270,16 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult], forc
     return _Job(name, backend_for(config.kind)(config), comps, key, upstream_file, current)
 
 
-def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runner, listen: Listener) -> TargetResult:
+def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runner, listen: Listener,
+               gate: dict[bool, threading.Semaphore] | None = None) -> TargetResult:
     name, backend, comps, key, upstream_file = job.name, job.backend, job.comps, job.key, job.upstream_file
     store = project.store
 
     if not options.force:
         if job.current is not None:  # only with --check-reproducible: otherwise settled by the scheduler
-            res = TargetResult(name, CACHED, key, reason="up to date", record=job.current)
+            res = TargetResult(name, CACHED, key, reason="up to date", record=job.current, source="local")
             return _maybe_check_reproducible(project, res, backend, options, runner, listen, upstream_file)
-        hit = _from_store(project, name, key)
+        hit = _from_store(project, name, key) or _from_remote(project, name, key, comps)
         if hit is not None:
             return _maybe_check_reproducible(project, hit, backend, options, runner, listen, upstream_file)
 
@@ -281,7 +294,8 @@ def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runne
             hit = _from_store(project, name, key)
             if hit is not None:
                 return hit
-        return _compile(project, name, key, comps, backend, upstream_file, runner, listen)
+        with gate[backend.needs_gpu] if gate is not None else _NoLock():
+            return _compile(project, name, key, comps, backend, upstream_file, runner, listen)
 
 
 def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
@@ -294,7 +308,35 @@ def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
     except CorruptCopy:
         project.store.remove(key)
         return None
-    return TargetResult(name, CACHED, key, reason="restored from cache", record=read_record(project.target_dir(name)) or record)
+    return TargetResult(name, CACHED, key, reason="restored from cache", record=read_record(project.target_dir(name)) or record,
+                        source="local")
+
+
+def _from_remote(project: Project, name: str, key: str, comps: dict[str, Any]) -> TargetResult | None:
+    """On a local miss: the remote cache's verified entry for key, stored locally and materialised; None on a miss."""
+    remote = project.remote
+    if remote is None:
+        return None
+    with project.store.lock(key) if not project.store.readonly else _NoLock():
+        hit = _from_store(project, name, key)  # fetched by another process while we waited
+        if hit is not None:
+            return hit
+        entry = remote.fetch(key, comps)
+        if entry is None:
+            return None
+        record = {**entry.meta, "target": name, "source": "remote"}
+        try:
+            materialise(project.target_dir(name), entry.path, entry.files, record)
+        except CorruptCopy:
+            project.store.remove(key)
+            return None
+        finally:
+            if project.store.readonly:
+                import shutil
+
+                shutil.rmtree(entry.path, ignore_errors=True)  # a private temp folder, not the store
+    return TargetResult(name, CACHED, key, reason=f"downloaded from {remote.display}",
+                        record=read_record(project.target_dir(name)) or record, source="remote")
 
 
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
@@ -328,7 +370,9 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
         else:
             entry = project.store.put(key, tmp, meta)
             materialise(folder, entry.path, entry.files, meta)
-        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, **where)
+            if project.remote is not None:
+                project.remote.upload(entry, name)  # in the background; Project.close waits for it
+        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

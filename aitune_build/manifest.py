@@ -79,6 +79,8 @@ class ProjectSettings(Spec):
     cache_dir: str
     executor: str
     gpu_model: str | None
+    remote_cache: str | None
+    remote_cache_mode: str
 
 
 class Axis(Spec):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +13,11 @@ from .keys import Fingerprinter
 from .manifest import DEFAULT_CACHE_DIR, LoadedManifest, Manifest, checked, parse, read_bytes, validate, validation_digest
 
 if TYPE_CHECKING:
+    from .remote import RemoteCache
     from .store import ArtifactStore
 
 STATE_FILE = f"state-v{STATE_VERSION}.json"
+_REMOTE_OPEN = threading.Lock()
 
 
 @dataclass
@@ -24,7 +27,10 @@ class Project:
     state: StateCache
     fingerprinter: Fingerprinter
     readonly_cache: bool = False
+    remote_mode: str | None = None  # "read" forces the remote read-only (--remote-readonly)
+    remote_disabled: bool = False  # --no-remote
     _store: ArtifactStore | None = None
+    _remote: RemoteCache | None | bool = False  # False: not opened yet
 
     @classmethod
     def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
@@ -70,14 +76,31 @@ class Project:
         return self._store
 
     @property
+    def remote(self) -> RemoteCache | None:
+        """The shared remote cache, opened at first use (a no-op build never touches it); None when there is none."""
+        if self._remote is False:
+            with _REMOTE_OPEN:  # executor threads ask at once: one remote per project, one warning
+                if self._remote is False:
+                    from .remote import open_remote
+
+                    self._remote = open_remote(self, mode=self.remote_mode, disabled=self.remote_disabled)
+        return self._remote  # type: ignore[return-value]
+
+    @property
     def out_dir(self) -> Path:
         return self.manifest.root / self.manifest.model.project.out_dir
 
     def target_dir(self, target: str) -> Path:
         return self.out_dir / target
 
+    def finish_uploads(self) -> None:
+        """Wait for the remote cache's uploads (they overlap the build; the build waits for them before it returns)."""
+        if self._remote:
+            self._remote.finish()
+
     def close(self) -> None:
-        """Save the stat cache (a read-only cache is left as it is). The project stays usable."""
+        """Wait for remote uploads, save the stat cache (a read-only cache is left as it is). The project stays usable."""
+        self.finish_uploads()
         if not self.readonly_cache:
             self.state.save()
 

@@ -33,6 +33,24 @@ class Project(_Table):
         "local", description="local: worker processes on this host (every visible GPU); ray: a Ray cluster (build --executor overrides).")
     gpu_model: str | None = Field(
         None, description="GPU model GPU targets build on and their keys name, e.g. 'H100' (default: the first visible GPU's).")
+    remote_cache: str | None = Field(None, description="Shared remote cache, e.g. s3://bucket/prefix or file:///mnt/cache; "
+                                     "env AITUNE_REMOTE_CACHE overrides. Credentials come from the environment, never from here.")
+    remote_cache_mode: Literal["read-write", "read"] = Field("read-write", description="'read' never uploads (pull requests).")
+
+    @field_validator("remote_cache")
+    @classmethod
+    def _remote_cache(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if not parts.scheme or (parts.scheme != "file" and not parts.netloc):
+            raise ValueError("expected a URL such as s3://bucket/prefix, gs://bucket/prefix or file:///shared/folder")
+        if parts.username or parts.password or parts.query:
+            raise ValueError("credentials do not belong in aitune.toml: remove them from the URL and set them in the "
+                             "environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role)")
+        return v
 
 
 class Axis(_Table):

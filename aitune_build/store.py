@@ -145,9 +145,10 @@ class ArtifactStore:
         system temp folder when the cache is read-only (outputs are copied from it, never renamed)."""
         return mkdtemp("build-", self.root / "tmp" if not self.readonly else None)
 
-    def put(self, key: str, folder: Path, meta: dict[str, Any]) -> Entry:
-        """Move a finished build folder into the store under key (replacing any entry there)."""
-        files = describe_files(folder)
+    def put(self, key: str, folder: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]] | None = None) -> Entry:
+        """Move a finished build folder into the store under key (replacing any entry there). `files`: the folder's
+        description when the caller has just verified it (a remote download), to save hashing it again."""
+        files = files if files is not None else describe_files(folder)
         atomic_write_json(folder / "entry.json", {"format": ENTRY_FORMAT, "key": key, "files": files, "meta": meta, "created": time.time()})
         final = self._dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,7 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @click.option("--locked", is_flag=True, help="Fail if any key differs from aitune.lock instead of rewriting it.")
 @click.option("--cache-readonly", is_flag=True, help="Read the cache, never write it (untrusted builds).")
 @click.option("--check-reproducible", is_flag=True, help="Rebuild cached targets of deterministic backends and compare bytes.")
+@click.option("--retune", is_flag=True, help="Measure tuned targets' candidates again even if their selection is cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @click.option("--gpus", metavar="LIST", help="GPUs to build on, as CUDA_VISIBLE_DEVICES takes them (0,1 or GPU-<uuid>); default: every visible GPU.")
 @click.option("--gpu-model", metavar="MODEL", help="Build GPU targets on GPUs of this model only (e.g. H100); overrides [project] gpu_model.")
@@ -107,7 +108,7 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @_remote_options
 @click.pass_obj
 def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
-              locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool, gpus: str | None,
+              locked: bool, cache_readonly: bool, check_reproducible: bool, retune: bool, as_json: bool, gpus: str | None,
               gpu_model: str | None, executor: str | None, ray_address: str | None, remote_readonly: bool,
               no_remote: bool) -> None:
     """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
@@ -141,7 +142,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
                     runner.close()
         reporter = _Reporter(len(order), quiet=as_json)
         results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
-                                                     check_reproducible=check_reproducible), reporter, runner)
+                                                     check_reproducible=check_reproducible, retune=retune), reporter, runner)
         reporter.close()
         from .remote import save_run
 
@@ -283,12 +284,18 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool, remote_readonly: 
         from .plan import select
         from .project import survey
 
+        from .tune import read_selection
+
         project = obj.open(remote_readonly=remote_readonly, no_remote=no_remote)
         found = survey(project, select(project.manifest.model, targets))
         lock_diff = lockfile.compare(project, found)
         rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
                  "changes": s.staleness.changes, "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
         _mark_remote(project, rows)
+        selections = {n: read_selection(project, n) for n in found}
+        for r in rows:
+            if selections[r["name"]] is not None:
+                r["selection"] = selections[r["name"]]
         if as_json:
             click.echo(json.dumps({"targets": rows}, indent=2))
         else:
@@ -296,6 +303,8 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool, remote_readonly: 
                 why = "; ".join(r["reasons"])
                 lock = "" if r["lock"] == "matches" else f"  [lock: {r['lock']}]"
                 click.echo(f"{r['state']:<12} {r['name']}" + (f"  ({why})" if why else "") + lock)
+                for line in _selection_lines(r.get("selection")):
+                    click.echo(f"  {line}")
         return EXIT_OK
 
     _run(go)
@@ -338,8 +347,12 @@ def explain(obj: _Ctx, target: str, as_json: bool, against_remote: bool) -> None
         from .plan import select
         from .project import survey
 
+        from .tune import candidate_changes, read_selection
+
         project = obj.open()
         found = survey(project, select(project.manifest.model, [target]))[target]
+        tuned = project.manifest.model.targets[target].candidates is not None
+        per_candidate = candidate_changes(project, target) if tuned and found.components is not None else {}
         project.close()
         last = read_record(project.target_dir(target))
         if found.components is None:
@@ -348,19 +361,27 @@ def explain(obj: _Ctx, target: str, as_json: bool, against_remote: bool) -> None
             changes = [NEVER_BUILT]
         else:
             changes = component_changes(last.get("components", {}), found.components)
+            if tuned:  # "candidates.B: <key> -> <key>" says little: say what changed in each candidate
+                changes = [c for c in changes if c["component"] != "candidates"]
+                changes += [{**c, "candidate": b} for b, cs in per_candidate.items() for c in cs]
+        selection = read_selection(project, target) if tuned else None
         if as_json:
-            click.echo(json.dumps({"name": target, "state": found.staleness.state, "key": found.key,
-                                   "previous_key": last.get("key") if last else None, "changes": changes,
-                                   "reasons": [describe(c) for c in changes],
-                                   "timings": last.get("timings") if last else None}, indent=2))
+            doc = {"name": target, "state": found.staleness.state, "key": found.key,
+                   "previous_key": last.get("key") if last else None, "changes": changes,
+                   "reasons": [_describe_change(c) for c in changes], "timings": last.get("timings") if last else None}
+            if tuned:
+                doc["selection"] = selection
+            click.echo(json.dumps(doc, indent=2))
         else:
             click.echo(f"{target}: {found.staleness.state}")
             if last and found.key and last.get("key") != found.key:
                 click.echo(f"  key {last.get('key')} -> {found.key}")
             for c in changes:
-                click.echo(f"  {describe(c)}")
+                click.echo(f"  {_describe_change(c)}")
             if not changes and not found.staleness.stale:
                 click.echo("  nothing changed since the last build")
+            for line in _selection_lines(selection):
+                click.echo(f"  {line}")
         return EXIT_OK
 
     _run(go)
@@ -400,6 +421,35 @@ def _explain_remote(obj: _Ctx, target: str, as_json: bool) -> int:
     return EXIT_OK
 
 
+def _describe_change(c: dict[str, Any]) -> str:
+    """A change as text; a tuned target's candidate changes name their candidate."""
+    from .reasons import describe
+
+    return (f"candidate {c['candidate']}: " if c.get("candidate") else "") + describe(c)
+
+
+def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    """A tuned target's measurement table and why its winner won (status, explain)."""
+    if selection is None:
+        return []
+    from .tune import table
+
+    batches = selection["batch"]
+    lines = [f"selection: {selection['strategy']} on {selection['device']}, batch {', '.join(map(str, batches))}; "
+             f"winner {selection['winner']}: {selection['why']}"]
+    cols = [f"b={b} ms (spread)" for b in batches] + [f"items/s b={batches[-1]}", "vs eager", "max rel err"]
+    lines.append(f"{'candidate':<16} {'kind':<20}" + "".join(f" {c:>18}" for c in cols) + "  verdict")
+    for r in table(selection):
+        cells = []
+        for b in batches:
+            median, spread = r["latency_ms"].get(b, (None, None))
+            cells.append("-" if median is None else f"{median:.4g} ({spread:.0%})")
+        thr, up, err = r["throughput"].get(batches[-1]), r["speedup_vs_eager"], r["max_rel_err"]
+        cells += ["-" if thr is None else f"{thr:.4g}", "-" if up is None else f"{up:.2f}x", "-" if err is None else f"{err:.2g}"]
+        lines.append(f"{r['backend']:<16} {r['kind']:<20}" + "".join(f" {c:>18}" for c in cells) + f"  {r['verdict']}")
+    return lines
+
+
 @main.command()
 @click.option("--format", "fmt", type=click.Choice(["dot", "mermaid", "json"]), default="dot", show_default=True)
 @click.pass_obj
@@ -413,7 +463,10 @@ def graph(obj: _Ctx, fmt: str) -> None:
         edges = []
         for name, t in man.targets.items():
             src = f"module:{t.module}" if t.module else t.from_
-            edges.append((src, name, man.backends[t.backend].kind))
+            if t.candidates is not None:  # a tuned target: its candidates "T@B" feed its selection
+                edges += [(f"{name}@{b}", name, f"select:{t.strategy}") for b in t.candidates]
+            else:
+                edges.append((src, name, man.backends[t.backend].kind))
         if fmt == "json":
             click.echo(json.dumps({"edges": [{"from": a, "to": b, "backend": k} for a, b, k in edges]}, indent=2))
         elif fmt == "dot":
@@ -448,7 +501,7 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
         from .plan import select
 
         project = obj.open()
-        names = list(targets) if targets else list(project.manifest.model.targets)
+        names = list(targets) if targets else select(project.manifest.model, [])  # all (a tuned target's folder holds its candidates')
         select(project.manifest.model, names)  # validates the names
         for n in names:
             shutil.rmtree(project.target_dir(n), ignore_errors=True)
@@ -620,15 +673,16 @@ def schema() -> None:
 @main.command()
 @click.argument("targets", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Archive to write (.tar.gz).")
+@click.option("--all-candidates", is_flag=True, help="Tuned targets: ship every built candidate too, not only the winner.")
 @click.pass_obj
-def package(obj: _Ctx, targets: tuple[str, ...], output: str) -> None:
+def package(obj: _Ctx, targets: tuple[str, ...], output: str, all_candidates: bool) -> None:
     """A byte-for-byte reproducible release archive of TARGETS (default: every built target)."""
 
     def go() -> int:
         from .release import write_archive
 
         project = obj.open(readonly_cache=True)
-        digest = write_archive(project, list(targets), Path(output))
+        digest = write_archive(project, list(targets), Path(output), candidates=all_candidates)
         click.echo(f"wrote {output}  sha256 {digest}")
         return EXIT_OK
 

@@ -38,6 +38,7 @@ class BuildOptions:
 
 class NeedsWork(Exception):
     """BuildOptions.settle_only: TARGET is not up to date (nothing was started)."""
+    retune: bool = False  # measure tuned targets' candidates again even when their selection is up to date or cached
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TargetResult:
             doc["node"] = self.node
         if self.source is not None:
             doc["source"] = self.source
+        if "selection" in self.record:  # a tuned target: its winner, the strategy and why it won
+            doc["selection"] = self.record["selection"]
         return doc
 
 
@@ -86,6 +89,12 @@ class Runner:
     def cancel(self) -> None:
         """Stop compiles in flight (Ctrl-C). Local workers get the terminal's SIGINT themselves."""
         return None
+
+    def measuring_gpu(self) -> Any:
+        """A context holding a GPU of this host for a tuned target's measurement (tune.py): the Gpu, or None."""
+        from contextlib import nullcontext
+
+        return nullcontext(None)
 
     def close(self) -> None:
         return None
@@ -118,6 +127,9 @@ class LocalRunner(Runner):
             lock_dir = None if store.readonly else store.root / "locks"
             self._pool = GpuPool(self.project.fingerprinter.gpu_plan.gpus, lock_dir)
         return self._pool
+
+    def measuring_gpu(self) -> Any:
+        return self._gpus().acquire() if self.project.fingerprinter.gpu_plan.gpus else super().measuring_gpu()
 
     def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
         return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) if gpu_bound else self.jobs
@@ -170,6 +182,10 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 
     def run(job: _Job) -> TargetResult:
         try:
+            if job.backend is None:  # a tuned target: build its candidates, measure, select (tune.py)
+                from .tune import build_selection
+
+                return build_selection(project, job, options, runner, listen)
             return _build_one(project, job, options, runner, listen, gate)
         except ReproducibilityError as e:
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="backend")
@@ -201,7 +217,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 # Keys are computed here, in order; an up-to-date target is done without a thread hand-off, so a
                 # no-op build costs a key and a few stats per target.
                 try:
-                    job = _prepare(project, name, results, options.force)
+                    job = _prepare(project, name, results, options.force or (options.retune and man.targets[name].candidates is not None))
                 except UserError as e:
                     finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
                     continue
@@ -240,8 +256,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 
 
 def _gpu_bound(man: Any, name: str) -> bool:
-    config = man.backends[man.targets[name].backend]
-    return backend_for(config.kind)(config).needs_gpu
+    spec = man.targets[name]
+    configs = [man.backends[b] for b in spec.candidates] if spec.backend is None else [man.backends[spec.backend]]
+    return any(backend_for(c.kind)(c).needs_gpu for c in configs)  # a tuned target: measured alone on its GPU
 
 
 @dataclass(frozen=True)
@@ -259,7 +276,7 @@ class _Job:
 def _prepare(project: Project, name: str, results: dict[str, TargetResult], force: bool) -> _Job:
     man = project.manifest.model
     spec = man.targets[name]
-    config = man.backends[spec.backend]
+    config = man.backends[spec.backend] if spec.backend is not None else None  # None: a tuned target
     upstream_file = upstream_digest = None
     if spec.from_ is not None:
         up_rec = BuildRecord(results[spec.from_].record)
@@ -267,7 +284,7 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult], forc
         upstream_digest = up_rec.artifact_digest()
     key, comps = project.fingerprinter.key(name, upstream_digest)
     current = None if force else current_record(project.target_dir(name), key, project.state)
-    return _Job(name, backend_for(config.kind)(config), comps, key, upstream_file, current)
+    return _Job(name, backend_for(config.kind)(config) if config is not None else None, comps, key, upstream_file, current)
 
 
 def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runner, listen: Listener,

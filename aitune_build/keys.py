@@ -114,6 +114,10 @@ class Fingerprinter:
     def components(self, target: str, upstream_artifact: str | None = None) -> dict[str, Any]:
         man = self.manifest.model
         spec = man.targets[target]
+        if spec.candidates is not None:  # a tuned target: its key is its selection's (candidates' keys, GPU, settings)
+            from .tune import selection_components
+
+            return selection_components(self, target, upstream_artifact)
         module_name, mod = self.manifest.module_of(target)
         config = man.backends[spec.backend]
         root = self.manifest.root

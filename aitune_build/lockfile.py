@@ -41,13 +41,17 @@ def component_digests(components: dict[str, Any]) -> dict[str, Any]:
 
 def entry_for(record: dict[str, Any]) -> dict[str, Any]:
     art = BuildRecord(record).artifact_file()
-    return {
+    entry = {
         "key": record["key"],
         "backend": record["backend"],
         "components": component_digests(record["components"]),
         "artifact": {"name": record["artifact"], "sha256": art["sha256"], "xxh3": art["xxh3"], "size": art["size"]},
         "toolchain": record["toolchain"],
     }
+    if "selection" in record:  # a tuned target: its winner pinned per GPU model (tune.py), merged across machines
+        entry["tuned"] = {record["selection"]["device"]: {"winner": record["selection"]["winner"], "key": record["key"],
+                                                          "artifact_sha256": art["sha256"]}}
+    return entry
 
 
 def render(lock: dict[str, Any]) -> bytes:
@@ -67,6 +71,8 @@ def update(project: Project, results: list[Any]) -> None:
             if old is not None and old["key"] == rec.key and old["artifact"]["sha256"] == rec.artifact_sha256():
                 continue  # the key covers every component: the entry would come out the same
             targets[r.name] = entry_for(r.record)
+            if old is not None and "tuned" in targets[r.name]:
+                targets[r.name]["tuned"] = {**old.get("tuned", {}), **targets[r.name]["tuned"]}
             changed = True
     if not changed:
         return
@@ -94,13 +100,14 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
     from .backends import backend_for
 
     for name in order:
+        spec = project.manifest.model.targets[name]
         if name not in locked:
-            config = project.manifest.model.backends[project.manifest.model.targets[name].backend]
-            if backend_for(config.kind)(config).unavailable() is None:  # one that can't build here can't be locked here
+            configs = [project.manifest.model.backends[b] for b in (spec.candidates or [spec.backend])]
+            if any(backend_for(c.kind)(c).unavailable() is None for c in configs):  # one that can't build here can't be locked here
                 problems[name] = [f"not in {LOCK_NAME}"]
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"]:
+        if key != locked[name]["key"] and key not in {p["key"] for p in locked[name].get("tuned", {}).values()}:
             problems[name] = diff_components(locked[name]["components"], component_digests(comps)) or ["key differs"]
     return problems
 
@@ -114,7 +121,6 @@ def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, 
     from .backends import backend_for
 
     locked = read_lock(lock_path(project))["targets"]
-    man = project.manifest.model
     out: dict[str, dict[str, Any]] = {}
     for r in results:
         entry = locked.get(r.name)
@@ -122,7 +128,7 @@ def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, 
             continue
         got = BuildRecord(r.record).artifact_sha256()
         if got != entry["artifact"]["sha256"]:
-            kind = man.backends[man.targets[r.name].backend].kind
+            kind = r.record["backend"]  # the backend kind that built it (a tuned target's winner)
             out[r.name] = {"locked": entry["artifact"]["sha256"], "built": got, "deterministic": backend_for(kind).deterministic,
                            "backend": kind}
     return out
@@ -140,7 +146,7 @@ def compare(project: Project, found: dict[str, Any]) -> dict[str, str]:
             out[name] = "not in lock"
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"]:
+        if key != locked[name]["key"] and key not in {p["key"] for p in locked[name].get("tuned", {}).values()}:
             diff = diff_components(locked[name]["components"], component_digests(comps))
             out[name] = "differs: " + "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
     return out

@@ -205,12 +205,57 @@ class CheckSpec(Spec):
     seed: int
 
 
+STRATEGIES = ("first_wins", "min_latency", "max_throughput", "latency_budget")
+CANDIDATE_SEP = "@"  # a tuned target T's candidate B is the hidden target "T@B" ('@' is not allowed in names)
+
+
+def candidate_target(target: str, backend: str) -> str:
+    return f"{target}{CANDIDATE_SEP}{backend}"
+
+
+def is_candidate(name: str) -> bool:
+    return CANDIDATE_SEP in name
+
+
 class TargetSpec(Spec):
     module: str | None
     from_: str | None
-    backend: str
+    backend: str | None  # None for a tuned target (candidates)
     check: CheckSpec
     serve: bool  # `aitune-build run` puts this target's artifact into the application (one per module)
+    candidates: tuple[str, ...] | None
+    select: str | None
+    budget_ms: float | None
+    batch: tuple[int, ...] | None
+    min_speedup: float | None
+
+    @property
+    def strategy(self) -> str:
+        return self.select or "min_latency"
+
+    @classmethod
+    def from_json(cls, t: dict[str, Any]) -> TargetSpec:
+        tup = lambda v: tuple(v) if v is not None else None  # noqa: E731
+        return cls(module=t["module"], from_=t["from_"], backend=t["backend"], check=CheckSpec(**t["check"]),
+                   serve=t["serve"], candidates=tup(t["candidates"]), select=t["select"], budget_ms=t["budget_ms"], batch=tup(t["batch"]),
+                   min_speedup=t["min_speedup"])
+
+    def candidate(self, backend: str) -> TargetSpec:
+        """The hidden target that builds one candidate: an ordinary target with that backend."""
+        return TargetSpec(module=self.module, from_=self.from_, backend=backend, check=self.check, serve=False, candidates=None,
+                          select=None, budget_ms=None, batch=None, min_speedup=None)
+
+
+def _with_candidates(targets: dict[str, TargetSpec]) -> dict[str, TargetSpec]:
+    """Targets plus, after each tuned target, its candidates as hidden targets "T@B" (built, cached, checked as any)."""
+    out: dict[str, TargetSpec] = {}
+    for name, spec in targets.items():
+        if is_candidate(name):
+            continue  # derived again below (a manifest handed to a worker as JSON holds them already)
+        out[name] = spec
+        for b in spec.candidates or ():
+            out[candidate_target(name, b)] = spec.candidate(b)
+    return out
 
 
 class Manifest(Spec):
@@ -225,9 +270,7 @@ class Manifest(Spec):
             project=ProjectSettings(**d["project"]),
             modules={n: ModuleSpec.from_json(m) for n, m in d["modules"].items()},
             backends={n: backend_config(b) for n, b in d["backends"].items()},
-            targets={n: TargetSpec(module=t["module"], from_=t["from_"], backend=t["backend"], check=CheckSpec(**t["check"]),
-                                  serve=t["serve"])
-                     for n, t in d["targets"].items()},
+            targets=_with_candidates({n: TargetSpec.from_json(t) for n, t in d["targets"].items()}),
         )
 
 
@@ -239,6 +282,16 @@ class LoadedManifest(Spec):
 
     def error(self, key: str, message: str) -> ManifestError:
         return ManifestError(self.display, key, message)
+
+    def batch_axis(self, target: str) -> tuple[Axis, str] | None:
+        """The dynamic batch axis of a target's module and where it is declared: the axes with dim = "batch", else
+        the first input's axis 0 (and the axes sharing its dim); None when there is none."""
+        module_name, mod = self.module_of(target)
+        found = batch_axes(mod.inputs)
+        if not found:
+            return None
+        i, j = found[0]
+        return mod.inputs[i].shape[j], f"modules.{module_name}.inputs[{i}].shape[{j}]"
 
     def module_of(self, target: str) -> tuple[str, ModuleSpec]:
         """The module a target (or its furthest upstream) is built from."""
@@ -314,28 +367,31 @@ def _display(path: Path) -> str:
 # --- references, names, cycles, files ---------------------------------------------------------------------------
 
 
+
+
 def _check_references(m: LoadedManifest) -> None:
     man = m.model
-    for table in ("modules", "backends", "targets"):
-        for name in getattr(man, table):
+    declared = {n: t for n, t in man.targets.items() if not is_candidate(n)}  # candidates are derived: checked via T
+    for table, names in (("modules", man.modules), ("backends", man.backends), ("targets", declared)):
+        for name in names:
             if not NAME_RE.match(name):
                 raise m.error(f'{table}."{name}"', "names may use letters, digits, '_', '.' and '-' only")
     for name, mod in man.modules.items():
         _check_module(m, name, mod)
-    for name, t in man.targets.items():
+    for name, t in declared.items():
         key = f"targets.{name}"
-        if t.backend not in man.backends:
+        if t.candidates is None and t.backend not in man.backends:
             raise m.error(f"{key}.backend", f"unknown backend '{t.backend}'{did_you_mean(t.backend, man.backends)}")
         if t.module is not None and t.module not in man.modules:
             raise m.error(f"{key}.module", f"unknown module '{t.module}'{did_you_mean(t.module, man.modules)}")
         if t.from_ is not None:
-            if t.from_ not in man.targets:
-                raise m.error(f"{key}.from", f"unknown target '{t.from_}'{did_you_mean(t.from_, man.targets)}")
+            if t.from_ not in declared:
+                raise m.error(f"{key}.from", f"unknown target '{t.from_}'{did_you_mean(t.from_, declared)}")
             if t.from_ == name:
                 raise m.error(f"{key}.from", "a target cannot take its own artifact")
     _check_cycles(m)
     served: dict[str, str] = {}
-    for name, t in man.targets.items():
+    for name, t in declared.items():
         if t.serve:
             module, _ = m.module_of(name)
             if module in served:
@@ -344,14 +400,64 @@ def _check_references(m: LoadedManifest) -> None:
             served[module] = name
     from .backends import backend_for
 
-    for name, t in man.targets.items():
+    for name, t in declared.items():
+        _check_tuning(m, name, t)
+    for name, t in declared.items():
         if t.from_ is not None:
-            up_kind = man.backends[man.targets[t.from_].backend].kind
-            kind = man.backends[t.backend].kind
+            up = man.targets[t.from_]
+            if up.candidates is not None:
+                raise m.error(f"targets.{name}.from", f"target '{t.from_}' chooses its backend by measurement (candidates); "
+                                                      "'from' takes a target with one export backend")
+            up_kind = man.backends[up.backend].kind
             if not backend_for(up_kind).feeds_from:
                 raise m.error(f"targets.{name}.from", f"target '{t.from_}' has backend kind '{up_kind}'; 'from' takes an export target's .pt2")
-            if not backend_for(kind).takes_from:
-                raise m.error(f"targets.{name}.backend", f"backend kind '{kind}' cannot take its input from another target")
+            for where, b in ([("backend", t.backend)] if t.candidates is None else
+                             [(f"candidates[{i}]", c) for i, c in enumerate(t.candidates)]):
+                kind = man.backends[b].kind
+                if not backend_for(kind).takes_from:
+                    raise m.error(f"targets.{name}.{where}", f"backend kind '{kind}' cannot take its input from another target")
+
+
+def _check_tuning(m: LoadedManifest, name: str, t: TargetSpec) -> None:
+    """candidates / select / budget_ms / batch / min_speedup (the pydantic model checks their types)."""
+    key = f"targets.{name}"
+    man = m.model
+    if t.candidates is None:
+        given = next((k for k in ("select", "budget_ms", "batch", "min_speedup") if getattr(t, k) is not None), None)
+        if given:
+            raise m.error(f"{key}.{given}", "applies to a target that chooses among 'candidates'; this one has a single 'backend'")
+        return
+    for i, c in enumerate(t.candidates):
+        if c not in man.backends:
+            raise m.error(f"{key}.candidates[{i}]", f"unknown backend '{c}'{did_you_mean(c, man.backends)}")
+        if c in t.candidates[:i]:
+            raise m.error(f"{key}.candidates[{i}]", f"'{c}' is listed twice")
+    if t.strategy == "latency_budget" and t.budget_ms is None:
+        raise m.error(f"{key}.budget_ms", 'required with select = "latency_budget" (milliseconds)')
+    if t.strategy != "latency_budget" and t.budget_ms is not None:
+        raise m.error(f"{key}.budget_ms", f'applies to select = "latency_budget" only (select is "{t.strategy}")')
+    if t.batch is not None:
+        found = m.batch_axis(name)
+        if found is None:
+            raise m.error(f"{key}.batch", f"module '{m.module_of(name)[0]}' has no dynamic batch axis (dim = \"batch\" or a "
+                                          "dynamic axis 0 of its first input)")
+        ax, where = found
+        for i, b in enumerate(t.batch):
+            if not ax.min <= b <= ax.max:
+                raise m.error(f"{key}.batch[{i}]", f"{b} is outside the batch axis' range {ax.min}..{ax.max} ({where})")
+
+
+def batch_axes(inputs: tuple[InputSpec, ...] | list[InputSpec]) -> list[tuple[int, int]]:
+    """(input index, axis index) of every axis of the batch dimension (see LoadedManifest.batch_axis)."""
+    named = [(i, j) for i, s in enumerate(inputs) for j, d in enumerate(s.shape) if isinstance(d, Axis) and d.dim == "batch"]
+    if named:
+        return named
+    if not inputs or not inputs[0].shape or not isinstance(inputs[0].shape[0], Axis):
+        return []
+    first = inputs[0].shape[0]
+    if first.dim is None:
+        return [(0, 0)]
+    return [(i, j) for i, s in enumerate(inputs) for j, d in enumerate(s.shape) if isinstance(d, Axis) and d.dim == first.dim]
 
 
 def _check_cycles(m: LoadedManifest) -> None:

@@ -17,7 +17,7 @@ from .hashing import StateCache, hash_file
 BUILD_FORMAT = 1
 RECORD = "build.json"
 LOG = "build.log"
-_KEEP = {RECORD, LOG}
+_KEEP = {RECORD, LOG, "candidates"}  # candidates/: a tuned target's candidate builds (materialised on their own)
 
 
 class CorruptCopy(Exception):

@@ -8,15 +8,16 @@ from typing import Any
 from .errors import UserError, did_you_mean
 from . import reasons
 from .keys import component_changes
-from .manifest import Manifest
+from .manifest import Manifest, is_candidate
 
 
 def select(man: Manifest, names: list[str] | tuple[str, ...]) -> list[str]:
     """Named targets and their upstreams (all targets when none is named), upstreams first."""
+    declared = [t for t in man.targets if not is_candidate(t)]  # a tuned target's candidates "T@B" build within T
     for n in names:
         if n not in man.targets:
-            raise UserError(f"unknown target '{n}'{did_you_mean(n, man.targets)}; targets: {', '.join(man.targets) or '(none)'}")
-    wanted = list(names) if names else list(man.targets)
+            raise UserError(f"unknown target '{n}'{did_you_mean(n, declared)}; targets: {', '.join(declared) or '(none)'}")
+    wanted = list(names) if names else declared
     order: list[str] = []
     seen: set[str] = set()
 

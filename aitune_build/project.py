@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from .hashing import STATE_VERSION, StateCache
 from .keys import Fingerprinter
-from .manifest import DEFAULT_CACHE_DIR, LoadedManifest, Manifest, checked, parse, read_bytes, validate, validation_digest
+from .manifest import CANDIDATE_SEP, DEFAULT_CACHE_DIR, LoadedManifest, Manifest, checked, parse, read_bytes, validate, validation_digest
 
 if TYPE_CHECKING:
     from .remote import RemoteCache
@@ -91,7 +91,8 @@ class Project:
         return self.manifest.root / self.manifest.model.project.out_dir
 
     def target_dir(self, target: str) -> Path:
-        return self.out_dir / target
+        parent, sep, backend = target.partition(CANDIDATE_SEP)  # a tuned target's candidate T@B: <out_dir>/T/candidates/B
+        return self.out_dir / parent / "candidates" / backend if sep else self.out_dir / target
 
     def finish_uploads(self) -> None:
         """Wait for the remote cache's uploads (they overlap the build; the build waits for them before it returns)."""

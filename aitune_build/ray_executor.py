@@ -165,6 +165,8 @@ def _cluster_messages_to_stderr() -> None:
 def _needs_gpu(man: Any, target: str) -> bool:
     from .backends import backend_for
 
+    if man.targets[target].backend is None:
+        return False  # a tuned target: its candidates (targets "T@B" of their own) say
     config = man.backends[man.targets[target].backend]
     return backend_for(config.kind)(config).needs_gpu
 

@@ -38,8 +38,10 @@ def _mtime() -> int:
         raise UserError(f"SOURCE_DATE_EPOCH must be an integer, got '{value}'") from None
 
 
-def archive_members(project: Project, targets: list[str]) -> dict[str, bytes]:
-    """{archive path: bytes} for the named targets (default all) and their upstreams; each must be built and intact."""
+def archive_members(project: Project, targets: list[str], candidates: bool = False) -> dict[str, bytes]:
+    """{archive path: bytes} for the named targets (default all) and their upstreams; each must be built and intact.
+
+    A tuned target ships its winner (and selection.json); candidates=True adds each of its built candidates "T@B"."""
     import json
 
     from .outputs import holds
@@ -54,6 +56,11 @@ def archive_members(project: Project, targets: list[str]) -> dict[str, bytes]:
     names = select(man, targets) if targets else [n for n in select(man, []) if current(n) is not None]
     if not names:
         raise UserError("nothing is built yet: run `aitune-build build` first")
+    if candidates:
+        from .manifest import candidate_target
+
+        built = [candidate_target(n, b) for n in names for b in man.targets[n].candidates or ()]
+        names += [c for c in built if current(c) is not None]
     files: dict[str, bytes] = {}
     lock_targets: dict[str, Any] = {}
     for name in names:
@@ -72,8 +79,8 @@ def archive_members(project: Project, targets: list[str]) -> dict[str, bytes]:
     return files
 
 
-def write_archive(project: Project, targets: list[str], output: Path) -> str:
-    files = archive_members(project, targets)
+def write_archive(project: Project, targets: list[str], output: Path, candidates: bool = False) -> str:
+    files = archive_members(project, targets, candidates)
     mtime = _mtime()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:

@@ -75,6 +75,11 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
         if record is None:
             raise UserError(f"target '{target}' is not built: run `aitune-build build {target}` or pass build=True")
     comps = record["components"]
+    if "winner" in record:  # a tuned target: its artifact is its winner's, chosen on one GPU model (tune.py)
+        from .tune import check_same_device
+
+        check_same_device(target, record)
+        comps = record["winner"]["components"]
     config = backend_config(comps["backend"])
     inputs = [InputSpec.from_json(i) for i in comps["module"]["inputs"]]
     backend = backend_for(config.kind)(config)

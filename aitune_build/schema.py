@@ -186,17 +186,30 @@ class CheckSpec(_Table):
     seed: int = 0
 
 
+Strategy = Literal["first_wins", "min_latency", "max_throughput", "latency_budget"]
+
+
 class TargetSpec(_Table):
     module: str | None = Field(None, description="A [modules] entry built from its factory.")
     from_: str | None = Field(None, alias="from", description="An upstream target whose artifact is the input.")
-    backend: str
+    backend: str | None = Field(None, description="The backend to build with (or `candidates` to choose one by measurement).")
     check: CheckSpec = Field(default_factory=CheckSpec)
     serve: bool = Field(False, description="`aitune-build run` serves this artifact in place of the module's forward (one target per module).")
+    candidates: list[str] | None = Field(
+        None, min_length=1, description="Backends to build, check and measure; the winner is the target's artifact (instead of `backend`).")
+    select: Strategy | None = Field(
+        None, description="How the winner is chosen (default min_latency): first_wins | min_latency | max_throughput | latency_budget.")
+    budget_ms: float | None = Field(None, gt=0, description="latency_budget: the highest throughput whose latency is within this.")
+    batch: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="Values of the dynamic batch axis to measure (default: its opt); other dynamic axes at opt.")
+    min_speedup: float | None = Field(None, gt=0, description="A candidate slower than this x eager is rejected (eager is measured too).")
 
     @model_validator(mode="after")
     def _one_source(self) -> TargetSpec:
         if (self.module is None) == (self.from_ is None):
             raise ValueError("set exactly one of 'module' or 'from'")
+        if (self.backend is None) == (self.candidates is None):
+            raise ValueError("set exactly one of 'backend' or 'candidates'")
         return self
 
 

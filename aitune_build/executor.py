@@ -34,11 +34,11 @@ class BuildOptions:
     named: tuple[str, ...] = ()  # targets named on the command line: unavailable backends fail instead of skip
     check_reproducible: bool = False
     settle_only: bool = False  # the no-op fast path (quick.py): raise NeedsWork instead of building anything
+    retune: bool = False  # measure tuned targets' candidates again even when their selection is up to date or cached
 
 
 class NeedsWork(Exception):
     """BuildOptions.settle_only: TARGET is not up to date (nothing was started)."""
-    retune: bool = False  # measure tuned targets' candidates again even when their selection is up to date or cached
 
 
 @dataclass

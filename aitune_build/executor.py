@@ -167,7 +167,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     results: dict[str, TargetResult] = {}
     if runner is None:
         runner = LocalRunner(project, options.jobs)
-        runner.kinds = {man.backends[man.targets[n].backend].kind for n in order}
+        runner.kinds = {man.backends[b].kind for n in order for b in (man.targets[n].candidates or [man.targets[n].backend])}
     # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
     # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
     extra, gate = 0, None

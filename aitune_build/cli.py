@@ -127,13 +127,15 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             from .ray_executor import RayRunner
 
             runner = RayRunner.connect(project, ray_address, jobs)  # before any key: GPU keys name the cluster's GPU
-        if locked or dry_run:
+        if locked or dry_run or not cache_readonly:
             problems: dict[str, list[str]] = {}
             try:
                 problems = lockfile.check_locked(project, order) if locked else {}
                 if problems:
-                    _emit_locked(problems, as_json)
+                    _emit_locked(problems, as_json, lockfile.lock_path(project).name)
                     return EXIT_FAILED
+                if not locked and not cache_readonly and not dry_run:
+                    lockfile.check_readable(project)  # a malformed lock stops the build before it starts, not after
                 if dry_run:
                     return _dry_run(survey(project, order), as_json)
             finally:
@@ -180,16 +182,16 @@ def _emit_drift(drift: dict[str, dict[str, Any]]) -> None:
                        "not bit-for-bit deterministic; the key matches)", err=True)
 
 
-def _emit_locked(problems: dict[str, list[str]], as_json: bool) -> None:
+def _emit_locked(problems: dict[str, list[str]], as_json: bool, lock_name: str) -> None:
     if as_json:
         click.echo(json.dumps({"locked": False, "targets": problems}, indent=2))
         return
-    click.echo("aitune-build: --locked: the inputs differ from aitune.lock:", err=True)
+    click.echo(f"aitune-build: --locked: the inputs differ from {lock_name}:", err=True)
     for name, lines in problems.items():
         click.echo(f"  {name}:", err=True)
         for line in lines:
             click.echo(f"    {line}", err=True)
-    click.echo("run `aitune-build build` without --locked to update aitune.lock, and commit it", err=True)
+    click.echo(f"run `aitune-build build` without --locked to update {lock_name}, and commit it", err=True)
 
 
 def _dry_run(found: dict[str, Any], as_json: bool) -> int:

@@ -34,6 +34,7 @@ class _DefaultToBuild(click.Group):
         if i >= len(args) or args[i] not in self.commands:
             if not any(a in ("--help", "--version") for a in args[:i]):
                 args.insert(i, "build")
+                ctx.meta["aitune.implicit_build"] = True  # `aitune-build bulid`: a typo of a command, or a target?
         return super().parse_args(ctx, args)
 
 
@@ -92,7 +93,7 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 
 @main.command("build")
 @click.argument("targets", nargs=-1)
-@click.option("-j", "--jobs", default=1, show_default=True, help="Targets built in parallel.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Targets built in parallel.")
 @click.option("-k", "--keep-going", is_flag=True, help="Keep building independent targets after a failure.")
 @click.option("-f", "--force", is_flag=True, help="Rebuild even when up to date or cached.")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would build and why; build nothing.")
@@ -121,6 +122,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
 
         project = obj.open(readonly_cache=cache_readonly, gpus=gpus, gpu_model=gpu_model, remote_readonly=remote_readonly,
                            no_remote=no_remote)
+        _command_typo(project.manifest.model.targets, targets)
         order = select(project.manifest.model, targets)
         runner = None
         if (executor or project.manifest.model.project.executor) == "ray":
@@ -172,6 +174,21 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
     _run(go)
 
 
+def _command_typo(known_targets: Any, targets: tuple[str, ...]) -> None:
+    """`aitune-build bulid`: the first word was taken for a target; if it is none but looks like a command, say so."""
+    ctx = click.get_current_context()
+    if not targets or targets[0] in known_targets or not ctx.meta.get("aitune.implicit_build"):
+        return
+    import difflib
+
+    from .errors import did_you_mean
+
+    close = difflib.get_close_matches(targets[0], list(main.commands), n=1, cutoff=0.6)
+    if close and not did_you_mean(targets[0], known_targets):
+        raise UserError(f"unknown command '{targets[0]}' (did you mean `{close[0]}`?); commands: "
+                        f"{', '.join(sorted(main.commands))}; targets: {', '.join(known_targets) or '(none)'}")
+
+
 def _emit_drift(drift: dict[str, dict[str, Any]]) -> None:
     for name, d in drift.items():
         if d["deterministic"]:
@@ -195,10 +212,21 @@ def _emit_locked(problems: dict[str, list[str]], as_json: bool, lock_name: str) 
 
 
 def _dry_run(found: dict[str, Any], as_json: bool) -> int:
+    from .project import describe_failure
+
     rows = []
     for name, s in found.items():
-        rows.append({"name": name, "status": "would-build" if s.staleness.stale else "up-to-date", "key": s.key,
-                     "reasons": s.staleness.reasons, "changes": s.staleness.changes})
+        if s.staleness.state == "error":
+            status, reasons = "would-fail", list(s.staleness.reasons)
+        elif not s.staleness.stale:
+            status, reasons = "up-to-date", []
+        elif s.in_store:
+            status, reasons = "would-restore", ["would restore from cache", *s.staleness.reasons]
+        else:
+            status, reasons = "would-build", list(s.staleness.reasons)
+        failed = describe_failure(s.failure)
+        rows.append({"name": name, "status": status, "key": s.key, "reasons": reasons + ([failed] if failed else []),
+                     "changes": s.staleness.changes, "cached": s.in_store, "last_failure": s.failure})
     if as_json:
         click.echo(json.dumps({"targets": rows}, indent=2))
     else:
@@ -288,8 +316,15 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool, remote_readonly: 
         project = obj.open(remote_readonly=remote_readonly, no_remote=no_remote)
         found = survey(project, select(project.manifest.model, targets))
         lock_diff = lockfile.compare(project, found)
-        rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
-                 "changes": s.staleness.changes, "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
+        from .project import describe_failure
+
+        rows = []
+        for n, s in found.items():
+            reasons = list(s.staleness.reasons) + (["cached (not materialised)"] if s.in_store else [])
+            failed = describe_failure(s.failure)
+            rows.append({"name": n, "state": s.staleness.state, "key": s.key, "reasons": reasons + ([failed] if failed else []),
+                         "changes": s.staleness.changes, "cached": s.in_store, "last_failure": s.failure,
+                         "lock": lock_diff.get(n, "matches")})
         _mark_remote(project, rows)
         if as_json:
             click.echo(json.dumps({"targets": rows}, indent=2))
@@ -350,13 +385,20 @@ def explain(obj: _Ctx, target: str, as_json: bool, against_remote: bool) -> None
             changes = [NEVER_BUILT]
         else:
             changes = component_changes(last.get("components", {}), found.components)
+        from .project import describe_failure
+
+        failed = describe_failure(found.failure)
+        cached = "cached (not materialised): a build restores it from the cache" if found.in_store else None
         if as_json:
             click.echo(json.dumps({"name": target, "state": found.staleness.state, "key": found.key,
                                    "previous_key": last.get("key") if last else None, "changes": changes,
-                                   "reasons": [describe(c) for c in changes],
+                                   "reasons": [describe(c) for c in changes], "cached": found.in_store,
+                                   "last_failure": found.failure,
                                    "timings": last.get("timings") if last else None}, indent=2))
         else:
-            click.echo(f"{target}: {found.staleness.state}")
+            click.echo(f"{target}: {found.staleness.state}" + (f"; {cached}" if cached else ""))
+            if failed:
+                click.echo(f"  {failed}")
             if last and found.key and last.get("key") != found.key:
                 click.echo(f"  key {last.get('key')} -> {found.key}")
             for c in changes:
@@ -452,12 +494,10 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
         project = obj.open()
         names = list(targets) if targets else list(project.manifest.model.targets)
         select(project.manifest.model, names)  # validates the names
-        for n in names:
-            shutil.rmtree(project.target_dir(n), ignore_errors=True)
-            click.echo(f"removed {project.target_dir(n)}")
-        if cache:
-            shutil.rmtree(project.cache_dir, ignore_errors=True)
-            click.echo(f"removed {project.cache_dir}")
+        for folder in [project.target_dir(n) for n in names] + ([project.cache_dir] if cache else []):
+            if folder.exists():  # "removed" only for what was there
+                shutil.rmtree(folder, ignore_errors=True)
+                click.echo(f"removed {folder}")
         return EXIT_OK
 
     _run(go)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
 from .manifest import to_json
-from .outputs import LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
+from .outputs import FAILURE, LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
 from .project import Project
 from .status import Status
 
@@ -161,11 +161,15 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     extra, gate = 0, None
     stop = threading.Event()
 
-    def finish(res: TargetResult, t0: float) -> None:
+    stopped_by: list[str] = []  # the failed target that stopped the build (no -k)
+
+    def finish(res: TargetResult, t0: float, stops: bool = True) -> None:
         res.seconds = time.perf_counter() - t0
         results[res.name] = res
+        _remember_failure(project, res)
         listen("done", res.name, res)
-        if res.status == FAILED and not options.keep_going:
+        if res.status == FAILED and stops and not options.keep_going:
+            stopped_by.append(res.name)
             stop.set()
 
     def run(job: _Job) -> TargetResult:
@@ -190,26 +194,28 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                     continue  # this class (CPU or GPU) is at capacity; the other may still start
                 pending.remove(name)
                 t0 = time.perf_counter()
-                skip = None
-                if stop.is_set():
-                    skip = "not started: an earlier target failed (--keep-going builds the rest)"
-                elif up is not None and results[up].status in (FAILED, SKIPPED):
-                    skip = f"upstream '{up}' {results[up].status}"
-                if skip:
-                    finish(TargetResult(name, SKIPPED, reason=skip, error="upstream"), t0)
+                if up is not None and results[up].status in (FAILED, SKIPPED):
+                    finish(TargetResult(name, SKIPPED, reason=f"upstream '{up}' {results[up].status}", error="upstream"), t0)
                     continue
                 # Keys are computed here, in order; an up-to-date target is done without a thread hand-off, so a
                 # no-op build costs a key and a few stats per target.
                 try:
                     job = _prepare(project, name, results, options.force)
                 except UserError as e:
-                    finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
+                    # This target's own inputs are broken (a file that does not parse, ...): it fails alone, before
+                    # anything is compiled for it, and does not stop targets that do not share the problem.
+                    finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0, stops=False)
                     continue
                 if job.current is not None and not options.check_reproducible:
                     finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current, source="local"), t0)
                     continue
                 if options.settle_only:
                     raise NeedsWork(name)
+                if stop.is_set():  # after a failure (no -k): restore what the cache holds, build nothing new
+                    hit = _from_store(project, name, job.key) if project.store.has(job.key) else None
+                    finish(hit or TargetResult(name, SKIPPED, job.key, error="upstream", reason=(
+                        f"not started: '{stopped_by[0]}' failed (--keep-going builds the rest)")), t0)
+                    continue
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
 
@@ -242,6 +248,23 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 def _gpu_bound(man: Any, name: str) -> bool:
     config = man.backends[man.targets[name].backend]
     return backend_for(config.kind)(config).needs_gpu
+
+
+def _remember_failure(project: Project, res: TargetResult) -> None:
+    """Keep the last failure in the target's folder (status, explain and dry runs report it); a success clears it."""
+    path = project.target_dir(res.name) / FAILURE
+    if res.status == FAILED and res.error not in ("unavailable", "upstream"):
+        from .fsutil import atomic_write_json
+
+        try:
+            atomic_write_json(path, {"when": time.time(), "key": res.key, "error": res.error, "reason": res.reason})
+        except OSError:
+            pass
+    elif res.status in (BUILT, CACHED):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)

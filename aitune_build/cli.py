@@ -106,11 +106,12 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Where to compile (default: [project] executor, else local).")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to use with --executor ray (default: $RAY_ADDRESS).")
 @_remote_options
+@click.option("-v", "--verbose", is_flag=True, help="Stream each worker's log (build/<target>/build.log).")
 @click.pass_obj
 def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
               locked: bool, cache_readonly: bool, check_reproducible: bool, as_json: bool, gpus: str | None,
               gpu_model: str | None, executor: str | None, ray_address: str | None, remote_readonly: bool,
-              no_remote: bool) -> None:
+              no_remote: bool, verbose: bool) -> None:
     """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
 
     def go() -> int:
@@ -143,10 +144,12 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             finally:
                 if runner is not None and (problems or dry_run or sys.exc_info()[0] is not None):
                     runner.close()
-        reporter = _Reporter(len(order), quiet=as_json)
-        results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
-                                                     check_reproducible=check_reproducible), reporter, runner)
-        reporter.close()
+        reporter = _Reporter(len(order), quiet=as_json, verbose=verbose)
+        try:
+            results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
+                                                         check_reproducible=check_reproducible), reporter, runner)
+        finally:
+            reporter.close()
         from .remote import save_run
 
         save_run(project)
@@ -248,54 +251,152 @@ def _where(result: Any) -> str:
     return " on " + ", ".join(parts) if parts else ""
 
 
-class _Reporter:
-    """Progress: a live line on a terminal (rich), plain lines in CI and pipes; nothing with --json."""
+def _result_lines(name: str, result: Any) -> str:
+    """`failed   mlp  0.52s  <first line>` and, below it, at most failures.DETAIL_LINES lines of detail."""
+    from .failures import bounded
 
-    def __init__(self, total: int, quiet: bool):
+    head, *detail = bounded(result.reason, more="the --json output and build.log")
+    line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {head}{_where(result)}"
+    return "\n".join([line, *(f"    {d}" for d in detail)])
+
+    head, *detail = bounded(result.reason, more="the --json output and build.log")
+    return "\n".join([f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {head}", *(f"    {d}" for d in detail)])
+
+
+HEARTBEAT_ENV = "AITUNE_HEARTBEAT_S"  # seconds between `still building ...` lines without a terminal (default 30)
+
+
+class _Reporter:
+    """Progress. On a terminal: a live line with each running target's elapsed time and phase (rich). Without one
+    (CI, pipes): a line when a target starts and when it ends, and a heartbeat every AITUNE_HEARTBEAT_S seconds
+    (`still building mlp_aoti (90 s, compiling)`). -v streams each worker's log. Nothing with --json.
+    Phases come from the worker's progress file (executor.Listener's "worker" event)."""
+
+    def __init__(self, total: int, quiet: bool, verbose: bool = False):
+        import threading
         import time
 
-        self.total, self.quiet, self.done, self.running = total, quiet, 0, []
+        self.total, self.quiet, self.verbose, self.done = total, quiet, verbose, 0
+        self.running: dict[str, dict[str, Any]] = {}  # name -> {t0, progress, log, offset, beat}
         self.t0 = time.perf_counter()
         self._status = None
         self._console = None
         self.tty = sys.stdout.isatty() and not os.environ.get("CI")
+        try:
+            self.heartbeat = max(0.05, float(os.environ.get(HEARTBEAT_ENV, "30")))
+        except ValueError:
+            self.heartbeat = 30.0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def elapsed(self) -> float:
         import time
 
         return time.perf_counter() - self.t0
 
-    def __call__(self, event: str, name: str, result: Any) -> None:
+    def __call__(self, event: str, name: str, payload: Any) -> None:
         if self.quiet:
             return
-        if event == "start":
-            where = _where(result)
-            self.running.append(name + where)
-            if self.tty:
-                self._live()
-            else:
-                click.echo(f"building {name}{where} ...")
-            return
-        self.done += 1
-        self.running = [r for r in self.running if r != name and not r.startswith(name + " on ")]
-        line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}{_where(result)}"
+        import time
+
+        with self._lock:
+            if event == "start":  # payload: a TargetResult "building", with the GPU/node it builds on
+                info = self.running.setdefault(name, {"progress": None, "log": None, "offset": 0})
+                info.update(t0=time.monotonic(), beat=time.monotonic(), where=_where(payload))
+                self._start_ticker()
+                if self.tty:
+                    self._live()
+                else:
+                    self._echo(f"building {name}{info['where']} ...")
+            elif event == "worker":
+                info = self.running.setdefault(name, {"t0": time.monotonic(), "offset": 0, "beat": time.monotonic()})
+                info.update(progress=payload["progress"], log=payload["log"], offset=0)
+            elif event == "done":
+                info = self.running.pop(name, None)
+                if info is not None and self.verbose:
+                    self._tail(name, info)
+                self.done += 1
+                self._echo(_result_lines(name, payload))
+                if self._console is not None:
+                    self._live()
+
+    def _echo(self, line: str) -> None:
         if self._console is not None:
             self._console.print(line, markup=False, highlight=False)
-            self._live()
         else:
             click.echo(line)
 
+    @staticmethod
+    def phase(info: dict[str, Any]) -> str:
+        """The worker's current phase: the last line of its progress file."""
+        path = info.get("progress")
+        if path is None:
+            return "starting"
+        try:
+            lines = Path(path).read_bytes().splitlines()
+            return json.loads(lines[-1])["phase"] if lines else "starting"
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return "starting"
+
+    def _start_ticker(self) -> None:
+        import threading
+
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="aitune-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        import time
+
+        step = min(1.0, self.heartbeat / 2, 0.25 if self.verbose else 1.0)
+        while not self._stop.wait(step):
+            with self._lock:
+                now = time.monotonic()
+                for name, info in self.running.items():
+                    if self.verbose:
+                        self._tail(name, info)
+                    if not self.tty and now - info["beat"] >= self.heartbeat:
+                        info["beat"] = now
+                        self._echo(f"still building {name}{info.get('where', '')} ({now - info['t0']:.0f} s, {self.phase(info)})")
+                if self.tty and self.running:
+                    self._live()
+
+    def _tail(self, name: str, info: dict[str, Any]) -> None:
+        """-v: print what the worker wrote to its log since last time."""
+        log = info.get("log")
+        if log is None:
+            return
+        try:
+            with open(log, "rb") as f:
+                f.seek(info["offset"])
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        if not end:
+            return
+        info["offset"] += end
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            self._echo(f"  [{name}] {line}")
+
     def _live(self) -> None:
+        import time
+
         if self._console is None:
             from rich.console import Console
 
             self._console = Console()
             self._status = self._console.status("")
             self._status.start()
-        text = f"[{self.done}/{self.total}] building {', '.join(self.running)}" if self.running else f"[{self.done}/{self.total}]"
-        self._status.update(text)
+        now = time.monotonic()
+        running = ", ".join(f"{n}{i.get('where', '')} {now - i.get('t0', now):.0f}s {self.phase(i)}" for n, i in self.running.items())
+        self._status.update(f"[{self.done}/{self.total}] " + (running or ""))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(5)
         if self._status is not None:
             self._status.stop()
 

@@ -63,8 +63,10 @@ class TargetResult:
         return doc
 
 
-# (event, target, result): "start" (result: status "building", with the gpu/node it builds on) | "done"
-Listener = Callable[[str, str, "TargetResult | None"], None]
+# (event, target, payload): "start" (a TargetResult with status "building" and the gpu/node it builds on) once the
+# target has its device; "worker" ({"progress": Path, "log": Path}) before its worker runs: the worker appends
+# {"phase", "t"} JSON lines to `progress` and writes `log`; "done" (the TargetResult).
+Listener = Callable[[str, str, Any], None]
 
 
 class Runner:
@@ -362,6 +364,11 @@ def _from_remote(project: Project, name: str, key: str, comps: dict[str, Any]) -
                         record=read_record(project.target_dir(name)) or record, source="remote")
 
 
+def progress_file(artifact_dir: Path) -> Path:
+    """Where the worker building into artifact_dir reports its phases (JSON lines {"phase", "t"})."""
+    return artifact_dir.with_name(artifact_dir.name + ".progress.jsonl")
+
+
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
              runner: Runner, listen: Listener) -> TargetResult:
     import shutil
@@ -369,14 +376,17 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
     folder = project.target_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
+    progress = progress_file(tmp)
     try:
+        listen("worker", name, {"progress": progress, "log": folder / LOG})
         outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen))
         where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
             kind = outcome.get("error", "backend")
             msg = outcome.get("message", "failed")
             if kind not in ("user", "unavailable"):
-                msg += f" (log: {_rel(folder / LOG)})"
+                head, _, detail = msg.partition("\n")  # the log's path on the first line, detail below
+                msg = f"{head} (log: {_rel(folder / LOG)})" + (f"\n{detail}" if detail else "")
             return TargetResult(name, FAILED, key, reason=msg, error=kind, **where)
         meta = {
             "target": name, "key": key, "backend": backend.kind, "artifact": backend.artifact, "components": comps,
@@ -398,6 +408,7 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
         return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        progress.unlink(missing_ok=True)
 
 
 def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]], None]:
@@ -420,6 +431,7 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
     job.write_text(json.dumps({
         "manifest": str(project.manifest.path), "manifest_data": to_json(project.manifest.model), "target": name, "artifact_dir": str(artifact_dir),
         "upstream": str(upstream) if upstream else None, "result": str(result), "submitted": submitted,
+        "progress": str(progress_file(artifact_dir)),  # the phase protocol: the worker appends {"phase", "t"} lines
     }))
     try:
         code = workers.run(job, log, kind, env or {}) if workers is not None else run_plain(job, log, env or {})
@@ -457,8 +469,10 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
     import shutil
 
     tmp = project.store.new_tmp()
+    progress = progress_file(tmp)
     try:
         log = project.target_dir(res.name) / LOG
+        listen("worker", res.name, {"progress": progress, "log": log})
         outcome = runner.compile(project, res.name, backend, tmp, upstream_file, log, _starter(res.name, res.key or "", listen))
         if not outcome.get("ok"):
             raise ReproducibilityError(f"rebuild for the reproducibility check failed: {outcome.get('message')}")
@@ -472,6 +486,7 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        progress.unlink(missing_ok=True)
 
 
 def _rel(p: Path) -> str:

@@ -1,0 +1,39 @@
+"""Progress without a terminal: start/end lines, heartbeats with the worker's phase, -v, a useful build.log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import MANIFEST
+
+SLOW = MANIFEST + '\n[modules.slow]\nfactory = "models.slow:build"\ninputs = [{ name = "input", shape = [3] }]\n' \
+    '[targets.slow_eager]\nmodule = "slow"\nbackend = "ref"\n'
+
+
+def test_ci_progress_heartbeat_phases_verbose_log_and_build_log(project: Path) -> None:
+    # the factory takes 3 s: heartbeats (every 1 s here) must name the phase the worker reports
+    (project / "models/slow.py").write_text("import time\n\nimport torch\n\n\ndef build():\n    time.sleep(3)\n"
+                                            "    return torch.nn.ReLU()\n")
+    (project / "aitune.toml").write_text(SLOW)
+    env = {**os.environ, "AITUNE_HEARTBEAT_S": "1"}
+    env.pop("CI", None)
+    out = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "-v", "slow_eager"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "building slow_eager ..."
+    beats = [ln for ln in lines if ln.startswith("still building slow_eager (")]
+    assert any(ln.endswith(", constructing)") for ln in beats), lines  # the phase, from the worker's progress file
+    assert any("[slow_eager] [aitune-build" in ln and ln.endswith("constructing") for ln in lines), lines  # -v
+    assert any(ln.startswith("built    slow_eager") for ln in lines), lines
+    log = (project / "build/slow_eager/build.log").read_text()
+    for want in ("importing", "constructing", "checking", "phases: importing", "versions: python", "check (float32",
+                 "max_abs_err 0"):
+        assert want in log, (want, log)
+    # without -v: no worker log on the console; heartbeats still come
+    quiet = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "-f", "slow_eager"],
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert "[slow_eager]" not in quiet.stdout and "still building slow_eager" in quiet.stdout, quiet.stdout

@@ -9,7 +9,8 @@ import pytest
 from .conftest import MANIFEST, run_cli
 
 
-def test_mistyped_command_is_an_unknown_command_and_a_target_name_still_builds(project: Path) -> None:
+def test_mistyped_command_is_an_unknown_command_and_a_target_name_still_builds(built_project: Path) -> None:
+    project = built_project
     code, out, _ = run_cli(project, "bulid")
     assert code == 2 and "unknown command 'bulid' (did you mean `build`?)" in out and "unknown target" not in out, out
     code, out, _ = run_cli(project, "statsu")
@@ -17,7 +18,7 @@ def test_mistyped_command_is_an_unknown_command_and_a_target_name_still_builds(p
     code, out, _ = run_cli(project, "build", "bulid")  # named explicitly as a target: a target error
     assert code == 2 and "unknown target 'bulid'" in out, out
     code, out, _ = run_cli(project, "mlp_eager")  # a target name as the first word keeps building it
-    assert code == 0 and "built" in out, out
+    assert code == 0 and "mlp_eager" in out and "1 cached" in out, out
 
 
 @pytest.mark.parametrize("jobs", ["0", "-3"])
@@ -27,13 +28,14 @@ def test_jobs_below_one_are_rejected(project: Path, jobs: str) -> None:
     assert not (project / "build").exists()
 
 
-def test_clean_reports_only_what_it_removed(project: Path) -> None:
-    code, out, _ = run_cli(project, "clean")
-    assert code == 0 and "removed" not in out, out
-    run_cli(project, "build", "mlp_eager")
-    code, out, _ = run_cli(project, "clean", "--cache")
+def test_clean_reports_only_what_it_removed(built_project: Path) -> None:
+    run_cli(built_project, "clean", "mlp_eager")
+    code, out, _ = run_cli(built_project, "clean", "--cache")
     lines = out.splitlines()
-    assert len(lines) == 2 and lines[0].endswith("build/mlp_eager") and lines[1].endswith(".aitune"), out
+    assert code == 0 and len(lines) == 3 and lines[-1].endswith(".aitune"), out
+    assert not any(ln.endswith("build/mlp_eager") for ln in lines), out  # removed before: not reported again
+    code, out, _ = run_cli(built_project, "clean", "--cache")
+    assert code == 0 and "removed" not in out, out
 
 
 def test_misspelled_required_key_names_the_unknown_key(project: Path) -> None:

@@ -83,20 +83,20 @@ def test_two_build_processes_on_disjoint_targets_keep_both_entries(project: Path
     assert sorted(json.loads((project / "aitune.lock").read_text())["targets"]) == ["adder_export", "mlp_eager"]
 
 
-def test_each_manifest_has_its_own_lock(project: Path) -> None:
+def test_each_manifest_has_its_own_lock(built_project: Path) -> None:
+    project = built_project
     other = MANIFEST.split("[targets.mlp_export]")[0] + '[targets.only_other]\nmodule = "adder"\nbackend = "ref"\n'
     (project / "other.toml").write_text(other)
-    _built(project, "adder_export")
     code, out, _ = run_cli(project, "--manifest", "other.toml", "build")
     assert code == 0, out
-    assert list(json.loads((project / "aitune.lock").read_text())["targets"]) == ["adder_export"]
+    assert list(json.loads((project / "aitune.lock").read_text())["targets"]) == ["adder_export", "mlp_eager", "mlp_export"]
     assert list(json.loads((project / "other.lock").read_text())["targets"]) == ["only_other"]
     code, out, _ = run_cli(project, "--manifest", "other.toml", "build", "--locked")
     assert code == 0, out
 
 
-def test_locked_and_status_name_the_changed_field(project: Path) -> None:
-    _built(project, "mlp_export", "adder_export")
+def test_locked_and_status_name_the_changed_field(built_project: Path) -> None:
+    project = built_project
     toml = project / "aitune.toml"
     toml.write_text(toml.read_text().replace("args = { hidden = 8 }", "args = { hidden = 8, d_out = 4 }"))
     code, out, _ = run_cli(project, "build", "--locked", "mlp_export")
@@ -108,10 +108,11 @@ def test_locked_and_status_name_the_changed_field(project: Path) -> None:
     assert code == 1 and "backend.strict: false -> true" in out, out
 
 
-def test_deterministic_artifacts_are_pinned_and_others_are_not(project: Path) -> None:
+def test_deterministic_artifacts_are_pinned_and_others_are_not(built_project: Path) -> None:
+    project = built_project
     toml = project / "aitune.toml"
     toml.write_text(toml.read_text() + '\n[backends.jit]\nkind = "inductor_jit"\n[targets.adder_jit]\nmodule = "adder"\nbackend = "jit"\n')
-    _built(project, "adder_export", "adder_jit")
+    _built(project, "adder_jit")
     lock = json.loads((project / "aitune.lock").read_text())["targets"]
     assert set(lock["adder_export"]["artifact"]) == {"name", "sha256", "xxh3", "size"}
     assert lock["adder_jit"]["artifact"] == {"name": "record.json", "pinned": False}

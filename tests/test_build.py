@@ -150,6 +150,7 @@ def test_check_mismatch_fails_and_caches_nothing(project: Path) -> None:
     assert not list((project / ".aitune/store-v1/objects").rglob("entry.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_build_one_key_once(project: Path) -> None:
     cmd = [sys.executable, "-m", "aitune_build", "-C", str(project), "build", "adder_export", "--json"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -159,6 +160,7 @@ def test_two_processes_build_one_key_once(project: Path) -> None:
     assert len(list((project / ".aitune/store-v1/objects").rglob("entry.json"))) == 1
 
 
+@pytest.mark.slow
 def test_parallel_jobs(project: Path) -> None:
     data = build(project, "-j", "2")
     assert data["code"] == 0 and data["summary"]["built"] == 3

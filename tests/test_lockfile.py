@@ -75,6 +75,7 @@ def test_concurrent_lock_updates_of_disjoint_targets_all_land(tmp_path: Path) ->
     assert not [p for p in root.iterdir() if "lock" in p.name and p.name != "aitune.lock"]  # no lock file left beside
 
 
+@pytest.mark.slow
 def test_two_build_processes_on_disjoint_targets_keep_both_entries(project: Path) -> None:
     cmds = [[sys.executable, "-m", "aitune_build", "-C", str(project), "build", t] for t in ("mlp_eager", "adder_export")]
     procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in cmds]

@@ -14,11 +14,11 @@ SLOW = MANIFEST + '\n[modules.slow]\nfactory = "models.slow:build"\ninputs = [{ 
 
 
 def test_ci_progress_heartbeat_phases_verbose_log_and_build_log(project: Path) -> None:
-    # the factory takes 3 s: heartbeats (every 1 s here) must name the phase the worker reports
-    (project / "models/slow.py").write_text("import time\n\nimport torch\n\n\ndef build():\n    time.sleep(3)\n"
+    # the factory takes 1.5 s: heartbeats (every 0.4 s here) must name the phase the worker reports
+    (project / "models/slow.py").write_text("import time\n\nimport torch\n\n\ndef build():\n    time.sleep(1.5)\n"
                                             "    return torch.nn.ReLU()\n")
     (project / "aitune.toml").write_text(SLOW)
-    env = {**os.environ, "AITUNE_HEARTBEAT_S": "1"}
+    env = {**os.environ, "AITUNE_HEARTBEAT_S": "0.4"}
     env.pop("CI", None)
     out = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "-v", "slow_eager"],
                          capture_output=True, text=True, env=env, timeout=300)
@@ -33,7 +33,3 @@ def test_ci_progress_heartbeat_phases_verbose_log_and_build_log(project: Path) -
     for want in ("importing", "constructing", "checking", "phases: importing", "versions: python", "check (float32",
                  "max_abs_err 0"):
         assert want in log, (want, log)
-    # without -v: no worker log on the console; heartbeats still come
-    quiet = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "-f", "slow_eager"],
-                           capture_output=True, text=True, env=env, timeout=300)
-    assert "[slow_eager]" not in quiet.stdout and "still building slow_eager" in quiet.stdout, quiet.stdout

@@ -81,6 +81,7 @@ def test_locked_fails_on_toolchain_change(built: Path, monkeypatch: pytest.Monke
     assert code == 1 and "toolchain.torch:" in out and "torch 9.9.9" in out
 
 
+@pytest.mark.slow
 def test_export_artifact_does_not_depend_on_the_checkout_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two checkouts in different folders, each with its own cache, build the same export bytes (the lock holds)."""
     shas = []

@@ -38,7 +38,7 @@ def test_weights_mismatch_names_keys_and_shapes(project: Path) -> None:
     assert "size mismatch for a.weight: copying a param with shape torch.Size([16, 4])" in text, text
     assert len(block) <= 1 + 15 + 1
     reason = json.loads((project / "build/mlp_eager/last-failure.json").read_text())["reason"]  # what --json prints
-    assert "size mismatch for b.bias" in reason and "size mismatch for b.weight" in reason, reason
+    assert "size mismatch for a.bias" in reason and "size mismatch for b.weight" in reason, reason
     assert "size mismatch for a.bias" in (project / "build/mlp_eager/build.log").read_text()
 
     # a whole pickled module instead of a state_dict: torch's explanation of the two options survives

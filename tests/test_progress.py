@@ -1,11 +1,14 @@
-"""Progress without a terminal: start/end lines, heartbeats with the worker's phase, -v, a useful build.log."""
+"""Progress: start/end lines, heartbeats with the worker's phase, -v, a useful build.log; the terminal's live line."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from .conftest import MANIFEST
 
@@ -33,3 +36,36 @@ def test_ci_progress_heartbeat_phases_verbose_log_and_build_log(project: Path) -
     for want in ("importing", "constructing", "checking", "phases: importing", "versions: python", "check (float32",
                  "max_abs_err 0"):
         assert want in log, (want, log)
+
+
+@pytest.mark.slow
+def test_terminal_line_shows_elapsed_time_and_phase(project: Path) -> None:
+    """On a terminal (a pty here) the live line names each running target with its elapsed seconds and phase."""
+    import pty
+    import select
+
+    (project / "models/slow.py").write_text("import time\n\nimport torch\n\n\ndef build():\n    time.sleep(2.5)\n"
+                                            "    return torch.nn.ReLU()\n")
+    (project / "aitune.toml").write_text(SLOW)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(TERM="xterm", COLUMNS="120")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the CLI on a terminal
+        os.execve(sys.executable, [sys.executable, "-m", "aitune_build", "-C", str(project), "build", "slow_eager"], env)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([fd], [], [], 300)
+        if not ready:
+            break
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    text = b"".join(chunks).decode("utf-8", "replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert re.search(r"\[0/1\] slow_eager \d+s constructing", text), text
+    assert "built    slow_eager" in text

@@ -93,6 +93,7 @@ def test_export_artifact_does_not_depend_on_the_checkout_folder(tmp_path: Path, 
     assert shas[0] == shas[1]
 
 
+@pytest.mark.slow
 def test_package_twice_from_two_checkouts_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "shared-cache"
     monkeypatch.setenv("AITUNE_CACHE_DIR", str(cache))

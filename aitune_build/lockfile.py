@@ -149,13 +149,20 @@ class _exclusive:
         import fcntl
         import os
 
-        self.fd = os.open(self.folder, os.O_RDONLY)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.folder, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: write unlocked, as before, rather than not at all
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
     def __exit__(self, *exc: object) -> None:
         import os
 
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 def _locked_key(project: Project, name: str, locked: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -165,6 +165,9 @@ class _exclusive:
             os.close(self.fd)
 
 
+_SAME_INPUTS = "key differs with the same inputs: the key schema changed (a newer aitune-build); rebuild and commit the lock"
+
+
 def _locked_key(project: Project, name: str, locked: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The key `name` would have now, taking a `from` edge's upstream artifact as the lock pins it."""
     up = project.manifest.model.targets[name].from_
@@ -207,7 +210,7 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
             continue
         key, comps = _locked_key(project, name, locked)
         if key != locked[name]["key"]:
-            problems[name] = _diff(locked[name], comps) or ["key differs"]
+            problems[name] = _diff(locked[name], comps) or [_SAME_INPUTS]
     return problems
 
 
@@ -242,6 +245,6 @@ def compare(project: Project, found: dict[str, Any]) -> dict[str, str]:
             continue
         key, comps = _locked_key(project, name, locked)
         if key != locked[name]["key"]:
-            diff = _diff(locked[name], comps)
+            diff = _diff(locked[name], comps) or [_SAME_INPUTS]
             out[name] = "differs: " + "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
     return out

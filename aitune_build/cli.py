@@ -34,6 +34,7 @@ class _DefaultToBuild(click.Group):
         if i >= len(args) or args[i] not in self.commands:
             if not any(a in ("--help", "--version") for a in args[:i]):
                 args.insert(i, "build")
+                ctx.meta["aitune.implicit_build"] = True  # `aitune-build bulid`: a typo of a command, or a target?
         return super().parse_args(ctx, args)
 
 
@@ -92,7 +93,7 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 
 @main.command("build")
 @click.argument("targets", nargs=-1)
-@click.option("-j", "--jobs", default=1, show_default=True, help="Targets built in parallel.")
+@click.option("-j", "--jobs", default=1, show_default=True, type=click.IntRange(min=1), help="Targets built in parallel.")
 @click.option("-k", "--keep-going", is_flag=True, help="Keep building independent targets after a failure.")
 @click.option("-f", "--force", is_flag=True, help="Rebuild even when up to date or cached.")
 @click.option("-n", "--dry-run", is_flag=True, help="Say what would build and why; build nothing.")
@@ -106,11 +107,12 @@ def main(ctx: click.Context, directory: str | None, manifest: str | None) -> Non
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="Where to compile (default: [project] executor, else local).")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to use with --executor ray (default: $RAY_ADDRESS).")
 @_remote_options
+@click.option("-v", "--verbose", is_flag=True, help="Stream each worker's log (build/<target>/build.log).")
 @click.pass_obj
 def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, force: bool, dry_run: bool,
               locked: bool, cache_readonly: bool, check_reproducible: bool, retune: bool, as_json: bool, gpus: str | None,
               gpu_model: str | None, executor: str | None, ray_address: str | None, remote_readonly: bool,
-              no_remote: bool) -> None:
+              no_remote: bool, verbose: bool) -> None:
     """Build TARGETS (default: all) and their upstreams; skip what is up to date."""
 
     def go() -> int:
@@ -122,28 +124,33 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
 
         project = obj.open(readonly_cache=cache_readonly, gpus=gpus, gpu_model=gpu_model, remote_readonly=remote_readonly,
                            no_remote=no_remote)
+        _command_typo(project.manifest.model.targets, targets)
         order = select(project.manifest.model, targets)
         runner = None
         if (executor or project.manifest.model.project.executor) == "ray":
             from .ray_executor import RayRunner
 
             runner = RayRunner.connect(project, ray_address, jobs)  # before any key: GPU keys name the cluster's GPU
-        if locked or dry_run:
+        if locked or dry_run or not cache_readonly:
             problems: dict[str, list[str]] = {}
             try:
                 problems = lockfile.check_locked(project, order) if locked else {}
                 if problems:
-                    _emit_locked(problems, as_json)
+                    _emit_locked(problems, as_json, lockfile.lock_path(project).name)
                     return EXIT_FAILED
+                if not locked and not cache_readonly and not dry_run:
+                    lockfile.check_readable(project)  # a malformed lock stops the build before it starts, not after
                 if dry_run:
                     return _dry_run(survey(project, order), as_json)
             finally:
                 if runner is not None and (problems or dry_run or sys.exc_info()[0] is not None):
                     runner.close()
-        reporter = _Reporter(len(order), quiet=as_json)
-        results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
-                                                     check_reproducible=check_reproducible, retune=retune), reporter, runner)
-        reporter.close()
+        reporter = _Reporter(len(order), quiet=as_json, verbose=verbose)
+        try:
+            results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, force=force, named=targets,
+                                                         check_reproducible=check_reproducible, retune=retune), reporter, runner)
+        finally:
+            reporter.close()
         from .remote import save_run
 
         save_run(project)
@@ -171,6 +178,21 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
     _run(go)
 
 
+def _command_typo(known_targets: Any, targets: tuple[str, ...]) -> None:
+    """`aitune-build bulid`: the first word was taken for a target; if it is none but looks like a command, say so."""
+    ctx = click.get_current_context()
+    if not targets or targets[0] in known_targets or not ctx.meta.get("aitune.implicit_build"):
+        return
+    import difflib
+
+    from .errors import did_you_mean
+
+    close = difflib.get_close_matches(targets[0], list(main.commands), n=1, cutoff=0.6)
+    if close and not did_you_mean(targets[0], known_targets):
+        raise UserError(f"unknown command '{targets[0]}' (did you mean `{close[0]}`?); commands: "
+                        f"{', '.join(sorted(main.commands))}; targets: {', '.join(known_targets) or '(none)'}")
+
+
 def _emit_drift(drift: dict[str, dict[str, Any]]) -> None:
     for name, d in drift.items():
         if d["deterministic"]:
@@ -181,23 +203,34 @@ def _emit_drift(drift: dict[str, dict[str, Any]]) -> None:
                        "not bit-for-bit deterministic; the key matches)", err=True)
 
 
-def _emit_locked(problems: dict[str, list[str]], as_json: bool) -> None:
+def _emit_locked(problems: dict[str, list[str]], as_json: bool, lock_name: str) -> None:
     if as_json:
         click.echo(json.dumps({"locked": False, "targets": problems}, indent=2))
         return
-    click.echo("aitune-build: --locked: the inputs differ from aitune.lock:", err=True)
+    click.echo(f"aitune-build: --locked: the inputs differ from {lock_name}:", err=True)
     for name, lines in problems.items():
         click.echo(f"  {name}:", err=True)
         for line in lines:
             click.echo(f"    {line}", err=True)
-    click.echo("run `aitune-build build` without --locked to update aitune.lock, and commit it", err=True)
+    click.echo(f"run `aitune-build build` without --locked to update {lock_name}, and commit it", err=True)
 
 
 def _dry_run(found: dict[str, Any], as_json: bool) -> int:
+    from .project import describe_failure
+
     rows = []
     for name, s in found.items():
-        rows.append({"name": name, "status": "would-build" if s.staleness.stale else "up-to-date", "key": s.key,
-                     "reasons": s.staleness.reasons, "changes": s.staleness.changes})
+        if s.staleness.state == "error":
+            status, reasons = "would-fail", list(s.staleness.reasons)
+        elif not s.staleness.stale:
+            status, reasons = "up-to-date", []
+        elif s.in_store:
+            status, reasons = "would-restore", ["would restore from cache", *s.staleness.reasons]
+        else:
+            status, reasons = "would-build", list(s.staleness.reasons)
+        failed = describe_failure(s.failure)
+        rows.append({"name": name, "status": status, "key": s.key, "reasons": reasons + ([failed] if failed else []),
+                     "changes": s.staleness.changes, "cached": s.in_store, "last_failure": s.failure})
     if as_json:
         click.echo(json.dumps({"targets": rows}, indent=2))
     else:
@@ -219,54 +252,152 @@ def _where(result: Any) -> str:
     return " on " + ", ".join(parts) if parts else ""
 
 
-class _Reporter:
-    """Progress: a live line on a terminal (rich), plain lines in CI and pipes; nothing with --json."""
+def _result_lines(name: str, result: Any) -> str:
+    """`failed   mlp  0.52s  <first line>` and, below it, at most failures.DETAIL_LINES lines of detail."""
+    from .failures import bounded
 
-    def __init__(self, total: int, quiet: bool):
+    head, *detail = bounded(result.reason, more="the --json output and build.log")
+    line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {head}{_where(result)}"
+    return "\n".join([line, *(f"    {d}" for d in detail)])
+
+    head, *detail = bounded(result.reason, more="the --json output and build.log")
+    return "\n".join([f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {head}", *(f"    {d}" for d in detail)])
+
+
+HEARTBEAT_ENV = "AITUNE_HEARTBEAT_S"  # seconds between `still building ...` lines without a terminal (default 30)
+
+
+class _Reporter:
+    """Progress. On a terminal: a live line with each running target's elapsed time and phase (rich). Without one
+    (CI, pipes): a line when a target starts and when it ends, and a heartbeat every AITUNE_HEARTBEAT_S seconds
+    (`still building mlp_aoti (90 s, compiling)`). -v streams each worker's log. Nothing with --json.
+    Phases come from the worker's progress file (executor.Listener's "worker" event)."""
+
+    def __init__(self, total: int, quiet: bool, verbose: bool = False):
+        import threading
         import time
 
-        self.total, self.quiet, self.done, self.running = total, quiet, 0, []
+        self.total, self.quiet, self.verbose, self.done = total, quiet, verbose, 0
+        self.running: dict[str, dict[str, Any]] = {}  # name -> {t0, progress, log, offset, beat}
         self.t0 = time.perf_counter()
         self._status = None
         self._console = None
         self.tty = sys.stdout.isatty() and not os.environ.get("CI")
+        try:
+            self.heartbeat = max(0.05, float(os.environ.get(HEARTBEAT_ENV, "30")))
+        except ValueError:
+            self.heartbeat = 30.0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
 
     def elapsed(self) -> float:
         import time
 
         return time.perf_counter() - self.t0
 
-    def __call__(self, event: str, name: str, result: Any) -> None:
+    def __call__(self, event: str, name: str, payload: Any) -> None:
         if self.quiet:
             return
-        if event == "start":
-            where = _where(result)
-            self.running.append(name + where)
-            if self.tty:
-                self._live()
-            else:
-                click.echo(f"building {name}{where} ...")
-            return
-        self.done += 1
-        self.running = [r for r in self.running if r != name and not r.startswith(name + " on ")]
-        line = f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}{_where(result)}"
+        import time
+
+        with self._lock:
+            if event == "start":  # payload: a TargetResult "building", with the GPU/node it builds on
+                info = self.running.setdefault(name, {"progress": None, "log": None, "offset": 0})
+                info.update(t0=time.monotonic(), beat=time.monotonic(), where=_where(payload))
+                self._start_ticker()
+                if self.tty:
+                    self._live()
+                else:
+                    self._echo(f"building {name}{info['where']} ...")
+            elif event == "worker":
+                info = self.running.setdefault(name, {"t0": time.monotonic(), "offset": 0, "beat": time.monotonic()})
+                info.update(progress=payload["progress"], log=payload["log"], offset=0)
+            elif event == "done":
+                info = self.running.pop(name, None)
+                if info is not None and self.verbose:
+                    self._tail(name, info)
+                self.done += 1
+                self._echo(_result_lines(name, payload))
+                if self._console is not None:
+                    self._live()
+
+    def _echo(self, line: str) -> None:
         if self._console is not None:
             self._console.print(line, markup=False, highlight=False)
-            self._live()
         else:
             click.echo(line)
 
+    @staticmethod
+    def phase(info: dict[str, Any]) -> str:
+        """The worker's current phase: the last line of its progress file."""
+        path = info.get("progress")
+        if path is None:
+            return "starting"
+        try:
+            lines = Path(path).read_bytes().splitlines()
+            return json.loads(lines[-1])["phase"] if lines else "starting"
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            return "starting"
+
+    def _start_ticker(self) -> None:
+        import threading
+
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick, name="aitune-progress", daemon=True)
+            self._ticker.start()
+
+    def _tick(self) -> None:
+        import time
+
+        step = min(1.0, self.heartbeat / 2, 0.25 if self.verbose else 1.0)
+        while not self._stop.wait(step):
+            with self._lock:
+                now = time.monotonic()
+                for name, info in self.running.items():
+                    if self.verbose:
+                        self._tail(name, info)
+                    if not self.tty and now - info["beat"] >= self.heartbeat:
+                        info["beat"] = now
+                        self._echo(f"still building {name}{info.get('where', '')} ({now - info['t0']:.0f} s, {self.phase(info)})")
+                if self.tty and self.running:
+                    self._live()
+
+    def _tail(self, name: str, info: dict[str, Any]) -> None:
+        """-v: print what the worker wrote to its log since last time."""
+        log = info.get("log")
+        if log is None:
+            return
+        try:
+            with open(log, "rb") as f:
+                f.seek(info["offset"])
+                data = f.read()
+        except OSError:
+            return
+        end = data.rfind(b"\n") + 1
+        if not end:
+            return
+        info["offset"] += end
+        for line in data[:end].decode("utf-8", "replace").splitlines():
+            self._echo(f"  [{name}] {line}")
+
     def _live(self) -> None:
+        import time
+
         if self._console is None:
             from rich.console import Console
 
             self._console = Console()
             self._status = self._console.status("")
             self._status.start()
-        text = f"[{self.done}/{self.total}] building {', '.join(self.running)}" if self.running else f"[{self.done}/{self.total}]"
-        self._status.update(text)
+        now = time.monotonic()
+        running = ", ".join(f"{n}{i.get('where', '')} {now - i.get('t0', now):.0f}s {self.phase(i)}" for n, i in self.running.items())
+        self._status.update(f"[{self.done}/{self.total}] " + (running or ""))
 
     def close(self) -> None:
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(5)
         if self._status is not None:
             self._status.stop()
 
@@ -289,8 +420,15 @@ def status(obj: _Ctx, targets: tuple[str, ...], as_json: bool, remote_readonly: 
         project = obj.open(remote_readonly=remote_readonly, no_remote=no_remote)
         found = survey(project, select(project.manifest.model, targets))
         lock_diff = lockfile.compare(project, found)
-        rows = [{"name": n, "state": s.staleness.state, "key": s.key, "reasons": s.staleness.reasons,
-                 "changes": s.staleness.changes, "lock": lock_diff.get(n, "matches")} for n, s in found.items()]
+        from .project import describe_failure
+
+        rows = []
+        for n, s in found.items():
+            reasons = list(s.staleness.reasons) + (["cached (not materialised)"] if s.in_store else [])
+            failed = describe_failure(s.failure)
+            rows.append({"name": n, "state": s.staleness.state, "key": s.key, "reasons": reasons + ([failed] if failed else []),
+                         "changes": s.staleness.changes, "cached": s.in_store, "last_failure": s.failure,
+                         "lock": lock_diff.get(n, "matches")})
         _mark_remote(project, rows)
         selections = {n: read_selection(project, n) for n in found}
         for r in rows:
@@ -365,15 +503,22 @@ def explain(obj: _Ctx, target: str, as_json: bool, against_remote: bool) -> None
                 changes = [c for c in changes if c["component"] != "candidates"]
                 changes += [{**c, "candidate": b} for b, cs in per_candidate.items() for c in cs]
         selection = read_selection(project, target) if tuned else None
+        from .project import describe_failure
+
+        failed = describe_failure(found.failure)
+        cached = "cached (not materialised): a build restores it from the cache" if found.in_store else None
         if as_json:
             doc = {"name": target, "state": found.staleness.state, "key": found.key,
                    "previous_key": last.get("key") if last else None, "changes": changes,
-                   "reasons": [_describe_change(c) for c in changes], "timings": last.get("timings") if last else None}
+                   "reasons": [_describe_change(c) for c in changes], "cached": found.in_store,
+                   "last_failure": found.failure, "timings": last.get("timings") if last else None}
             if tuned:
                 doc["selection"] = selection
             click.echo(json.dumps(doc, indent=2))
         else:
-            click.echo(f"{target}: {found.staleness.state}")
+            click.echo(f"{target}: {found.staleness.state}" + (f"; {cached}" if cached else ""))
+            if failed:
+                click.echo(f"  {failed}")
             if last and found.key and last.get("key") != found.key:
                 click.echo(f"  key {last.get('key')} -> {found.key}")
             for c in changes:
@@ -503,12 +648,10 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
         project = obj.open()
         names = list(targets) if targets else select(project.manifest.model, [])  # all (a tuned target's folder holds its candidates')
         select(project.manifest.model, names)  # validates the names
-        for n in names:
-            shutil.rmtree(project.target_dir(n), ignore_errors=True)
-            click.echo(f"removed {project.target_dir(n)}")
-        if cache:
-            shutil.rmtree(project.cache_dir, ignore_errors=True)
-            click.echo(f"removed {project.cache_dir}")
+        for folder in [project.target_dir(n) for n in names] + ([project.cache_dir] if cache else []):
+            if folder.exists():  # "removed" only for what was there
+                shutil.rmtree(folder, ignore_errors=True)
+                click.echo(f"removed {folder}")
         return EXIT_OK
 
     _run(go)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
 from .manifest import to_json
-from .outputs import LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
+from .outputs import FAILURE, LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
 from .project import Project
 from .status import Status
 
@@ -66,8 +66,10 @@ class TargetResult:
         return doc
 
 
-# (event, target, result): "start" (result: status "building", with the gpu/node it builds on) | "done"
-Listener = Callable[[str, str, "TargetResult | None"], None]
+# (event, target, payload): "start" (a TargetResult with status "building" and the gpu/node it builds on) once the
+# target has its device; "worker" ({"progress": Path, "log": Path}) before its worker runs: the worker appends
+# {"phase", "t"} JSON lines to `progress` and writes `log`; "done" (the TargetResult).
+Listener = Callable[[str, str, Any], None]
 
 
 class Runner:
@@ -173,11 +175,15 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     extra, gate = 0, None
     stop = threading.Event()
 
-    def finish(res: TargetResult, t0: float) -> None:
+    stopped_by: list[str] = []  # the failed target that stopped the build (no -k)
+
+    def finish(res: TargetResult, t0: float, stops: bool = True) -> None:
         res.seconds = time.perf_counter() - t0
         results[res.name] = res
+        _remember_failure(project, res)
         listen("done", res.name, res)
-        if res.status == FAILED and not options.keep_going:
+        if res.status == FAILED and stops and not options.keep_going:
+            stopped_by.append(res.name)
             stop.set()
 
     def run(job: _Job) -> TargetResult:
@@ -206,26 +212,28 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                     continue  # this class (CPU or GPU) is at capacity; the other may still start
                 pending.remove(name)
                 t0 = time.perf_counter()
-                skip = None
-                if stop.is_set():
-                    skip = "not started: an earlier target failed (--keep-going builds the rest)"
-                elif up is not None and results[up].status in (FAILED, SKIPPED):
-                    skip = f"upstream '{up}' {results[up].status}"
-                if skip:
-                    finish(TargetResult(name, SKIPPED, reason=skip, error="upstream"), t0)
+                if up is not None and results[up].status in (FAILED, SKIPPED):
+                    finish(TargetResult(name, SKIPPED, reason=f"upstream '{up}' {results[up].status}", error="upstream"), t0)
                     continue
                 # Keys are computed here, in order; an up-to-date target is done without a thread hand-off, so a
                 # no-op build costs a key and a few stats per target.
                 try:
                     job = _prepare(project, name, results, options.force or (options.retune and man.targets[name].candidates is not None))
                 except UserError as e:
-                    finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0)
+                    # This target's own inputs are broken (a file that does not parse, ...): it fails alone, before
+                    # anything is compiled for it, and does not stop targets that do not share the problem.
+                    finish(TargetResult(name, FAILED, reason=str(e), error="user"), t0, stops=False)
                     continue
                 if job.current is not None and not options.check_reproducible:
                     finish(TargetResult(name, CACHED, job.key, reason="up to date", record=job.current, source="local"), t0)
                     continue
                 if options.settle_only:
                     raise NeedsWork(name)
+                if stop.is_set():  # after a failure (no -k): restore what the cache holds, build nothing new
+                    hit = _from_store(project, name, job.key) if project.store.has(job.key) else None
+                    finish(hit or TargetResult(name, SKIPPED, job.key, error="upstream", reason=(
+                        f"not started: '{stopped_by[0]}' failed (--keep-going builds the rest)")), t0)
+                    continue
                 if pool is None:
                     from concurrent.futures import ThreadPoolExecutor
 
@@ -259,6 +267,23 @@ def _gpu_bound(man: Any, name: str) -> bool:
     spec = man.targets[name]
     configs = [man.backends[b] for b in spec.candidates] if spec.backend is None else [man.backends[spec.backend]]
     return any(backend_for(c.kind)(c).needs_gpu for c in configs)  # a tuned target: measured alone on its GPU
+
+
+def _remember_failure(project: Project, res: TargetResult) -> None:
+    """Keep the last failure in the target's folder (status, explain and dry runs report it); a success clears it."""
+    path = project.target_dir(res.name) / FAILURE
+    if res.status == FAILED and res.error not in ("unavailable", "upstream"):
+        from .fsutil import atomic_write_json
+
+        try:
+            atomic_write_json(path, {"when": time.time(), "key": res.key, "error": res.error, "reason": res.reason})
+        except OSError:
+            pass
+    elif res.status in (BUILT, CACHED):
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 
 @dataclass(frozen=True)
@@ -356,6 +381,11 @@ def _from_remote(project: Project, name: str, key: str, comps: dict[str, Any]) -
                         record=read_record(project.target_dir(name)) or record, source="remote")
 
 
+def progress_file(artifact_dir: Path) -> Path:
+    """Where the worker building into artifact_dir reports its phases (JSON lines {"phase", "t"})."""
+    return artifact_dir.with_name(artifact_dir.name + ".progress.jsonl")
+
+
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
              runner: Runner, listen: Listener) -> TargetResult:
     import shutil
@@ -363,14 +393,17 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
     folder = project.target_dir(name)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
+    progress = progress_file(tmp)
     try:
+        listen("worker", name, {"progress": progress, "log": folder / LOG})
         outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen))
         where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
             kind = outcome.get("error", "backend")
             msg = outcome.get("message", "failed")
             if kind not in ("user", "unavailable"):
-                msg += f" (log: {_rel(folder / LOG)})"
+                head, _, detail = msg.partition("\n")  # the log's path on the first line, detail below
+                msg = f"{head} (log: {_rel(folder / LOG)})" + (f"\n{detail}" if detail else "")
             return TargetResult(name, FAILED, key, reason=msg, error=kind, **where)
         meta = {
             "target": name, "key": key, "backend": backend.kind, "artifact": backend.artifact, "components": comps,
@@ -392,6 +425,7 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
         return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        progress.unlink(missing_ok=True)
 
 
 def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]], None]:
@@ -414,6 +448,7 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
     job.write_text(json.dumps({
         "manifest": str(project.manifest.path), "manifest_data": to_json(project.manifest.model), "target": name, "artifact_dir": str(artifact_dir),
         "upstream": str(upstream) if upstream else None, "result": str(result), "submitted": submitted,
+        "progress": str(progress_file(artifact_dir)),  # the phase protocol: the worker appends {"phase", "t"} lines
     }))
     try:
         code = workers.run(job, log, kind, env or {}) if workers is not None else run_plain(job, log, env or {})
@@ -451,8 +486,10 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
     import shutil
 
     tmp = project.store.new_tmp()
+    progress = progress_file(tmp)
     try:
         log = project.target_dir(res.name) / LOG
+        listen("worker", res.name, {"progress": progress, "log": log})
         outcome = runner.compile(project, res.name, backend, tmp, upstream_file, log, _starter(res.name, res.key or "", listen))
         if not outcome.get("ok"):
             raise ReproducibilityError(f"rebuild for the reproducibility check failed: {outcome.get('message')}")
@@ -466,6 +503,7 @@ def _maybe_check_reproducible(project: Project, res: TargetResult, backend: Any,
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        progress.unlink(missing_ok=True)
 
 
 def _rel(p: Path) -> str:

@@ -8,6 +8,7 @@ import sys
 import traceback
 from typing import Any
 
+from .failures import describe
 from .manifest import LoadedManifest, ModuleSpec
 
 
@@ -24,7 +25,7 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
         module = fn(**spec.args)
     except Exception as e:
         traceback.print_exc()
-        raise m.error(f"{key}.factory", f"{spec.factory}(**args) raised {type(e).__name__}: {e}") from None
+        raise m.error(f"{key}.factory", describe(e, m.root, f"{spec.factory}(**args) raised ")) from None
     if not isinstance(module, torch.nn.Module):
         raise m.error(f"{key}.factory", f"{spec.factory} returned a {type(module).__name__}, not a torch.nn.Module")
     if spec.weights is not None:
@@ -32,7 +33,9 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
             state = torch.load(m.root / spec.weights, map_location="cpu", weights_only=True)
             module.load_state_dict(state)
         except Exception as e:
-            raise m.error(f"{key}.weights", f"cannot load {spec.weights}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            # Keep torch's detail: which keys are missing or unexpected, which shapes differ, why unpickling refused.
+            raise m.error(f"{key}.weights", f"cannot load {spec.weights} (save it with torch.save(model.state_dict(), "
+                          f"path)): {type(e).__name__}: {str(e).strip()}") from None
     _check_forward(m, key, spec, module)
     return module.eval().to(device)
 

@@ -83,7 +83,11 @@ class Fingerprinter:
         if module_name not in self._sources:
             spec = self.manifest.model.modules[module_name]
             root = self.manifest.root
-            files, self._imports[module_name] = scan_module(root, spec.factory.split(":")[0], self.state)
+            broken: list[str] = []
+            files, self._imports[module_name] = scan_module(root, spec.factory.split(":")[0], self.state, broken)
+            if broken:  # this module's targets fail; targets of other modules still build
+                raise self.manifest.error(f"modules.{module_name}.factory", broken[0] + (
+                    f" (and {len(broken) - 1} more)" if len(broken) > 1 else ""))
             globbed = glob_sources(root, spec.sources, self.state)
             if globbed["empty"]:
                 pattern = globbed["empty"][0]

@@ -1,7 +1,18 @@
-"""aitune.lock: per target its key, the digests of the key's components, the artifact's digests and the toolchain.
+"""aitune.lock: per target its key, the key's components, the artifact and the toolchain.
 
-Sorted, indented JSON (diff-friendly), format-versioned, written next to the manifest by every successful build
-and only when its content changes. `build --locked` compares instead of writing.
+Sorted, indented JSON (diff-friendly), format-versioned, named after the manifest (`aitune.toml` -> `aitune.lock`,
+`other.toml` -> `other.lock`), written next to it by every successful build and only when its content changes.
+`build --locked` compares instead of writing.
+
+What is pinned (so that building a fresh clone leaves the committed lock as it is):
+- every target's key and its components as plain values (files by digest, fields by value), so that `--locked`
+  and `status` name the changed field (`module.args.d_out: added (4)`);
+- the artifact's sha256/xxh3/size only for backends whose builds are bit-for-bit deterministic (`export`,
+  `eager`); for the others (AOTInductor, TensorRT) the lock names the artifact file and says `"pinned": false`,
+  because a rebuild on another machine gives other bytes for the same key.
+
+Concurrent builds of one project (disjoint targets) read-modify-write the lock under an exclusive `flock` on the
+manifest's folder, so neither loses the other's entries; no lock file is left next to the manifest.
 """
 
 from __future__ import annotations
@@ -10,75 +21,163 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_bytes, read_json
+from .errors import UserError
+from .fsutil import atomic_write_bytes
 from .keys import canonical_json, diff_components
 from .outputs import BuildRecord
-from .status import DONE
 from .project import Project
+from .status import DONE
 
-LOCK_FORMAT = 1
-LOCK_NAME = "aitune.lock"
+LOCK_FORMAT = 2
+LOCK_NAME = "aitune.lock"  # inside release archives; a project's lock is named after its manifest (lock_path)
 _PER_FILE = ("sources", "packages", "weights", "samples", "toolchain")
 
 
+class LockError(UserError):
+    """A lock file that cannot be read: names the file and what is wrong."""
+
+
 def lock_path(project: Project) -> Path:
-    return project.manifest.path.with_name(LOCK_NAME)
+    return project.manifest.path.with_suffix(".lock")
 
 
-def read_lock(path: Path) -> dict[str, Any]:
-    data = read_json(path)
-    if data is None or data.get("format") != LOCK_FORMAT:
+def _display(project: Project) -> str:
+    return str(Path(project.manifest.display).with_suffix(".lock"))
+
+
+def read_lock(path: Path, display: str | None = None) -> dict[str, Any]:
+    """The lock's content ({"format", "targets"}); empty when the file does not exist; a LockError when malformed."""
+    shown = display or str(path)
+    fix = f"fix it, or delete it and run `aitune-build build` to write a new one"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
         return {"format": LOCK_FORMAT, "targets": {}}
+    except OSError as e:
+        raise LockError(f"{shown}: cannot read: {e.strerror}") from None
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise LockError(f"{shown}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise LockError(f"{shown}: expected a JSON object with 'format' and 'targets'; {fix}")
+    fmt = data.get("format")
+    if fmt not in (1, LOCK_FORMAT):
+        raise LockError(f"{shown}: format: unknown lock format {fmt!r} (this aitune-build reads 1 and {LOCK_FORMAT}); {fix}")
+    targets = data.get("targets")
+    if not isinstance(targets, dict):
+        raise LockError(f"{shown}: targets: " + ("missing" if targets is None else "expected an object") + f"; {fix}")
+    for name, entry in targets.items():
+        if not isinstance(entry, dict):
+            raise LockError(f"{shown}: targets.{name}: expected an object; {fix}")
+        for field, kind in (("key", str), ("artifact", dict), ("components", dict)):
+            if field not in entry:
+                raise LockError(f"{shown}: targets.{name}.{field}: missing; {fix}")
+            if not isinstance(entry[field], kind):
+                raise LockError(f"{shown}: targets.{name}.{field}: expected {'a string' if kind is str else 'an object'}; {fix}")
     return data
 
 
+def _read(project: Project) -> dict[str, Any]:
+    return read_lock(lock_path(project), _display(project))
+
+
 def component_digests(components: dict[str, Any]) -> dict[str, Any]:
-    """Files and toolchain kept one by one (readable diffs); other components as one digest each."""
+    """Format 1's components: files and toolchain one by one, other components as one digest each."""
     import xxhash
 
     return {k: (v if k in _PER_FILE else xxhash.xxh3_64_hexdigest(canonical_json(v).encode())) for k, v in sorted(components.items())}
 
 
-def entry_for(record: dict[str, Any]) -> dict[str, Any]:
+def entry_for(record: dict[str, Any], pin_artifact: bool = True) -> dict[str, Any]:
+    """A lock entry for a build record; pin_artifact=False leaves out the artifact's digests (see the module doc)."""
     art = BuildRecord(record).artifact_file()
+    artifact: dict[str, Any] = {"name": record["artifact"]}
+    if pin_artifact:
+        artifact.update(sha256=art["sha256"], xxh3=art["xxh3"], size=art["size"])
+    else:
+        artifact["pinned"] = False
     entry = {
         "key": record["key"],
         "backend": record["backend"],
-        "components": component_digests(record["components"]),
-        "artifact": {"name": record["artifact"], "sha256": art["sha256"], "xxh3": art["xxh3"], "size": art["size"]},
+        "components": dict(sorted(record["components"].items())),
+        "artifact": artifact,
         "toolchain": record["toolchain"],
     }
     if "selection" in record:  # a tuned target: its winner pinned per GPU model (tune.py), merged across machines
         entry["tuned"] = {record["selection"]["device"]: {"winner": record["selection"]["winner"], "key": record["key"],
-                                                          "artifact_sha256": art["sha256"]}}
+                                                          "artifact_sha256": art["sha256"] if pin_artifact else None}}
     return entry
+
+
+def _tuned_keys(entry: dict[str, Any]) -> set[str]:
+    """The keys a tuned target's winners had on each device the lock pins (any of them is this target's key)."""
+    return {p["key"] for p in entry.get("tuned", {}).values()}
 
 
 def render(lock: dict[str, Any]) -> bytes:
     return (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _deterministic(kind: str) -> bool:
+    from .backends import backend_for
+
+    return backend_for(kind).deterministic
+
+
+def check_readable(project: Project) -> None:
+    """Raise a LockError now (before building) when the project's lock is malformed."""
+    _read(project)
+
+
 def update(project: Project, results: list[Any]) -> None:
+    """Record the built/cached targets of `results`, keeping every other target's entry (read-modify-write under an
+    exclusive lock, so two builds of one project on disjoint targets both land)."""
+    fresh = {r.name: r.record for r in results if r.status in DONE and r.record.get("files")}
     path = lock_path(project)
-    old_bytes = path.read_bytes() if path.exists() else b""
-    lock = read_lock(path)
-    targets = {n: e for n, e in lock["targets"].items() if n in project.manifest.model.targets}
-    changed = len(targets) != len(lock["targets"])
-    for r in results:
-        if r.status in DONE and r.record.get("files"):
-            old = targets.get(r.name)
-            rec = BuildRecord(r.record)
-            if old is not None and old["key"] == rec.key and old["artifact"]["sha256"] == rec.artifact_sha256():
-                continue  # the key covers every component: the entry would come out the same
-            targets[r.name] = entry_for(r.record)
-            if old is not None and "tuned" in targets[r.name]:
-                targets[r.name]["tuned"] = {**old.get("tuned", {}), **targets[r.name]["tuned"]}
-            changed = True
-    if not changed:
-        return
-    new = render({"format": LOCK_FORMAT, "targets": dict(sorted(targets.items()))})
-    if new != old_bytes and targets:
-        atomic_write_bytes(path, new)
+    with _exclusive(path.parent):
+        old_bytes = path.read_bytes() if path.exists() else b""
+        lock = _read(project)
+        targets = {n: e for n, e in lock["targets"].items() if n in project.manifest.model.targets}
+        for name, rec in fresh.items():
+            old = targets.get(name)
+            targets[name] = entry_for(rec, pin_artifact=_deterministic(rec["backend"]))
+            if old is not None and "tuned" in targets[name]:  # a tuned target's winners, one per device, merged
+                targets[name]["tuned"] = {**old.get("tuned", {}), **targets[name]["tuned"]}
+        if not targets:
+            return
+        new = render({"format": LOCK_FORMAT, "targets": dict(sorted(targets.items()))})
+        if new != old_bytes:
+            atomic_write_bytes(path, new)
+
+
+class _exclusive:
+    """An exclusive flock on a folder (released on close, also when the process dies); creates no file."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __enter__(self) -> None:
+        import fcntl
+        import os
+
+        self.fd: int | None = None
+        try:
+            self.fd = os.open(self.folder, os.O_RDONLY)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock: write unlocked, as before, rather than not at all
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        import os
+
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+_SAME_INPUTS = "key differs with the same inputs: the key schema changed (a newer aitune-build); rebuild and commit the lock"
 
 
 def _locked_key(project: Project, name: str, locked: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -86,16 +185,32 @@ def _locked_key(project: Project, name: str, locked: dict[str, Any]) -> tuple[st
     up = project.manifest.model.targets[name].from_
     up_digest = None
     if up is not None and up in locked:
-        up_digest = locked[up]["artifact"]["xxh3"]
+        up_digest = locked[up]["artifact"].get("xxh3")
+        if up_digest is None:  # not pinned: take the upstream's component from the entry itself
+            up_digest = locked[name]["components"].get("upstream", {}).get("artifact")
     return project.fingerprinter.key(name, up_digest)
 
 
+def _diff(locked_entry: dict[str, Any], comps: dict[str, Any]) -> list[str]:
+    """Field-level differences between a lock entry's components and the current ones."""
+    old = locked_entry["components"]
+    new = dict(comps)
+    lines: list[str] = []
+    for k, v in old.items():  # format 1 kept some components as a digest only: compare those as digests
+        if isinstance(v, str) and k not in _PER_FILE and k in new:
+            if component_digests({k: new.pop(k)})[k] != v:
+                lines.append(f"{k} changed (the lock keeps only its digest: rebuild to record its fields)")
+            old = {kk: vv for kk, vv in old.items() if kk != k}
+    return diff_components(old, new) + lines
+
+
 def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
-    """{target: [differences]} for every target whose key would differ from aitune.lock."""
+    """{target: [differences]} for every target whose key would differ from the lock."""
     path = lock_path(project)
+    name_ = path.name
     if not path.exists():
-        return {n: [f"{LOCK_NAME} does not exist; build once without --locked and commit it"] for n in order}
-    locked = read_lock(path)["targets"]
+        return {n: [f"{name_} does not exist; build once without --locked and commit it"] for n in order}
+    locked = _read(project)["targets"]
     problems: dict[str, list[str]] = {}
     from .backends import backend_for
 
@@ -104,49 +219,45 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
         if name not in locked:
             configs = [project.manifest.model.backends[b] for b in (spec.candidates or [spec.backend])]
             if any(backend_for(c.kind)(c).unavailable() is None for c in configs):  # one that can't build here can't be locked here
-                problems[name] = [f"not in {LOCK_NAME}"]
+                problems[name] = [f"not in {name_}"]
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"] and key not in {p["key"] for p in locked[name].get("tuned", {}).values()}:
-            problems[name] = diff_components(locked[name]["components"], component_digests(comps)) or ["key differs"]
+        if key != locked[name]["key"] and key not in _tuned_keys(locked[name]):
+            problems[name] = _diff(locked[name], comps) or [_SAME_INPUTS]
     return problems
 
 
 def artifact_drift(project: Project, results: list[Any]) -> dict[str, dict[str, Any]]:
-    """For `build --locked`: targets whose key matches aitune.lock but whose artifact bytes do not.
+    """For `build --locked`: targets whose key matches the lock but whose artifact bytes differ from the pinned ones.
 
-    The key pins the inputs; the lock also pins the sha256 of what they built. A rebuild on a cache miss gives other
-    bytes when the backend is not deterministic (TensorRT times tactics), which is expected, or when a backend
-    that should be deterministic is not, which is a reproducibility bug."""
-    from .backends import backend_for
-
-    locked = read_lock(lock_path(project))["targets"]
+    Only deterministic backends' artifacts are pinned; a difference there is a reproducibility bug."""
+    locked = _read(project)["targets"]
     out: dict[str, dict[str, Any]] = {}
     for r in results:
         entry = locked.get(r.name)
         if r.status not in DONE or entry is None or entry["key"] != r.key or not r.record.get("files"):
             continue
+        want = entry["artifact"].get("sha256")
         got = BuildRecord(r.record).artifact_sha256()
-        if got != entry["artifact"]["sha256"]:
-            kind = r.record["backend"]  # the backend kind that built it (a tuned target's winner)
-            out[r.name] = {"locked": entry["artifact"]["sha256"], "built": got, "deterministic": backend_for(kind).deterministic,
-                           "backend": kind}
+        if want is not None and got != want:
+            kind = r.record["backend"]
+            out[r.name] = {"locked": want, "built": got, "deterministic": _deterministic(kind), "backend": kind}
     return out
 
 
 def compare(project: Project, found: dict[str, Any]) -> dict[str, str]:
-    """For `status`: which targets are out of date with respect to aitune.lock."""
+    """For `status`: which targets are out of date with respect to the lock, naming the changed fields."""
     path = lock_path(project)
     if not path.exists():
         return {}
-    locked = read_lock(path)["targets"]
+    locked = _read(project)["targets"]
     out: dict[str, str] = {}
     for name in found:
         if name not in locked:
             out[name] = "not in lock"
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"] and key not in {p["key"] for p in locked[name].get("tuned", {}).values()}:
-            diff = diff_components(locked[name]["components"], component_digests(comps))
+        if key != locked[name]["key"] and key not in _tuned_keys(locked[name]):
+            diff = _diff(locked[name], comps) or [_SAME_INPUTS]
             out[name] = "differs: " + "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
     return out

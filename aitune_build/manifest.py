@@ -484,9 +484,9 @@ def _check_module(m: LoadedManifest, name: str, mod: ModuleSpec) -> None:
         raise m.error(f"{key}.factory", f"cannot find module '{module_path}' under {m.root} (looked for {module_path.replace('.', '/')}.py)")
     try:
         tree = ast.parse(file.read_bytes(), filename=str(file))
-    except SyntaxError as e:
-        raise m.error(f"{key}.factory", f"{file.relative_to(m.root)}:{e.lineno}: syntax error: {e.msg}") from None
-    defined = _top_level_names(tree)
+    except SyntaxError:
+        tree = None  # reported when a target of this module is keyed: the other targets still build
+    defined = _top_level_names(tree) if tree is not None else [fn]
     if fn not in defined and "*" not in defined:
         raise m.error(f"{key}.factory", f"'{module_path}' defines no '{fn}'{did_you_mean(fn, defined)}")
     if mod.weights is not None and not (m.root / mod.weights).is_file():

@@ -17,7 +17,8 @@ from .hashing import StateCache, hash_file
 BUILD_FORMAT = 1
 RECORD = "build.json"
 LOG = "build.log"
-_KEEP = {RECORD, LOG, "candidates"}  # candidates/: a tuned target's candidate builds (materialised on their own)
+FAILURE = "last-failure.json"  # the last failed build of this target (when, why); removed by the next success
+_KEEP = {RECORD, LOG, FAILURE, "candidates"}  # candidates/: a tuned target's candidate builds (materialised on their own)
 
 
 class CorruptCopy(Exception):
@@ -62,6 +63,10 @@ class BuildRecord:
 def read_record(folder: Path) -> dict[str, Any] | None:
     rec = read_json(folder / RECORD)
     return rec if rec is not None and rec.get("format") == BUILD_FORMAT else None
+
+
+def read_failure(folder: Path) -> dict[str, Any] | None:
+    return read_json(folder / FAILURE)
 
 
 def current_record(folder: Path, key: str, state: StateCache) -> dict[str, Any] | None:

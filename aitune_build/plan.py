@@ -40,7 +40,7 @@ class Staleness:
     """Whether a target's output is current, and if not, why (one structured change per changed component leaf:
     see reasons.py)."""
 
-    state: str  # "up-to-date" | "stale" | "never-built"
+    state: str  # "up-to-date" | "stale" | "never-built" | "error" (its inputs cannot be read: the change says why)
     changes: list[dict[str, Any]] = field(default_factory=list)
 
     @property

@@ -129,35 +129,72 @@ class Survey:
     """One target as it stands now, without building anything."""
 
     name: str
-    key: str | None  # None when an upstream must rebuild first
+    key: str | None  # None when an upstream must rebuild first, or the target's inputs are broken
     components: dict[str, Any] | None
     previous: dict[str, Any] | None  # the last build.json
     staleness: Any  # plan.Staleness
+    in_store: bool = False  # not materialised, but the cache holds its key: a build restores it
+    failure: dict[str, Any] | None = None  # the last failed build ({when, reason, ...}) when there is one
+    artifact_xxh3: str | None = None  # the artifact a build would give, where known (materialised or in the cache)
 
 
 def survey(project: Project, order: list[str]) -> dict[str, Survey]:
-    """Key, previous build and staleness of each target in order (upstreams first). Reads files; builds nothing."""
-    from .outputs import BuildRecord, holds, read_record
-    from .plan import assess
+    """Key, previous build and staleness of each target in order (upstreams first). Reads files; builds nothing,
+    imports no torch; looks into the cache only for the entry.json of a key that is not materialised."""
+    from .errors import UserError
+    from .outputs import BuildRecord, holds, read_failure, read_record
+    from .plan import Staleness, assess
+    from .reasons import change
+    from .store import entry_record
 
     man = project.manifest.model
     found: dict[str, Survey] = {}
     for name in order:
         folder = project.target_dir(name)
         previous = read_record(folder)
+        failure = read_failure(folder)
         up = man.targets[name].from_
         upstream_stale = None
         upstream_digest = None
         if up is not None:
             up_survey = found.get(up) or survey(project, [up])[up]
-            if up_survey.staleness.stale:
+            if up_survey.artifact_xxh3 is None:
                 upstream_stale = up
             else:
-                upstream_digest = BuildRecord(up_survey.previous).artifact_digest()
+                upstream_digest = up_survey.artifact_xxh3
         if upstream_stale is not None:
-            found[name] = Survey(name, None, None, previous, assess(None, None, previous, False, upstream_stale))
+            found[name] = Survey(name, None, None, previous, assess(None, None, previous, False, upstream_stale),
+                                 failure=failure)
             continue
-        key, comps = project.fingerprinter.key(name, upstream_digest)
+        try:
+            key, comps = project.fingerprinter.key(name, upstream_digest)
+        except UserError as e:  # this target's inputs cannot be read (a file that does not parse, ...)
+            found[name] = Survey(name, None, None, previous, Staleness("error", [change("inputs", None, "error", new=str(e))]),
+                                 failure=failure)
+            continue
         current = holds(folder, previous, key, project.state)
-        found[name] = Survey(name, key, comps, previous, assess(key, comps, previous, current))
+        staleness = assess(key, comps, previous, current)
+        in_store, art = False, None
+        if current:
+            art = BuildRecord(previous).artifact_digest()
+        else:
+            entry = entry_record(project.cache_dir, key)
+            if entry is not None:
+                in_store = True
+                artifact = entry.get("meta", {}).get("artifact")
+                art = entry.get("files", {}).get(artifact, {}).get("xxh3")
+        found[name] = Survey(name, key, comps, previous, staleness, in_store, failure, art)
     return found
+
+
+def describe_failure(failure: dict[str, Any] | None) -> str | None:
+    """'last build failed 2026-11-27 21:03 (4 min ago): <first line>' for a recorded failure."""
+    if not failure:
+        return None
+    import time
+
+    when = failure.get("when") or 0
+    ago = max(0, time.time() - when)
+    rel = f"{int(ago)} s ago" if ago < 120 else f"{int(ago // 60)} min ago" if ago < 7200 else f"{int(ago // 3600)} h ago"
+    first = str(failure.get("reason", "")).splitlines()[0] if failure.get("reason") else "failed"
+    return f"last build failed {time.strftime('%Y-%m-%d %H:%M', time.localtime(when))} ({rel}): {first}"

@@ -6,7 +6,7 @@ A change is a plain JSON object (it goes into `--json` as it is):
     {"component": "backend", "path": "strict", "change": "changed", "old": false, "new": true}
     {"component": "build", "path": null, "change": "never-built", "old": null, "new": null}
 `change` is added | removed | changed for a component's leaf, and never-built | outputs-modified |
-upstream-rebuilds | key-schema for a target as a whole.
+upstream-rebuilds | key-schema | error (its inputs cannot be read; `new` is the message) for a target as a whole.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def describe(c: dict[str, Any]) -> str:
         return f"upstream '{path}' will rebuild"
     if what == "key-schema":
         return "key schema changed"
+    if what == "error":  # the target's inputs cannot be read: the error's message
+        return str(new)
     if comp in FILE_COMPONENTS and path is not None:
         return f"{path} {what}"
     if comp == "packages" and path is not None:

@@ -232,6 +232,8 @@ def _from_validation_error(exc: ValidationError, display: str) -> ManifestError:
     if any(p in ("Axis", "constrained-int", "int") for p in err["loc"]) and not isinstance(err["input"], (dict, int)):
         shown, _ = _walk(list(err["loc"]))
         return ManifestError(display, _format_loc(shown), f"expected an integer or a table {{min, opt, max[, dim]}}, got {err['input']!r}")
+    if err["type"] == "missing":  # a misspelled required key is both missing and unknown: name the unknown one
+        err = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
     loc, kind, msg = list(err["loc"]), err["type"], err["msg"]
     shown, fields = _walk(loc)
     key = _format_loc(shown)

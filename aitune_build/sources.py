@@ -13,14 +13,17 @@ from .hashing import StateCache
 from .manifest import module_file
 
 
+SYNTAX_ERROR = -1  # the level of the one entry _scan gives for a file that does not parse: [-1, "line", [message]]
+
+
 def _scan(source: bytes, filename: str) -> list[list]:
     """[level, module, [names]] for every import statement, at any depth (imports inside functions count too)."""
     try:
         import ast  # only for a source not scanned before
 
         tree = ast.parse(source, filename=filename)
-    except SyntaxError:
-        return []
+    except SyntaxError as e:
+        return [[SYNTAX_ERROR, str(e.lineno or 0), [e.msg]]]
     found: list[list] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -54,9 +57,11 @@ def module_sources(root: Path, dotted: str, state: StateCache) -> dict[str, str]
     return scan_module(root, dotted, state)[0]
 
 
-def scan_module(root: Path, dotted: str, state: StateCache) -> tuple[dict[str, str], list[str]]:
+def scan_module(root: Path, dotted: str, state: StateCache, broken: list[str] | None = None
+                ) -> tuple[dict[str, str], list[str]]:
     """module_sources, and the sorted top-level names of the other modules those files import (third-party ones:
-    neither project-local nor standard library)."""
+    neither project-local nor standard library). Files that do not parse are listed in `broken`
+    ("models/x.py:3: syntax error: ...")."""
     from .packages import is_stdlib
 
     start = module_file(root, dotted)
@@ -79,6 +84,10 @@ def scan_module(root: Path, dotted: str, state: StateCache) -> tuple[dict[str, s
             found = _scan(file.read_bytes(), str(file))
             state.set_imports(digest, found)
         for level, module, names in found:
+            if level == SYNTAX_ERROR:
+                if broken is not None:
+                    broken.append(f"{rel}:{module}: syntax error: {names[0]}")
+                continue
             top = module.split(".")[0]
             if not level and top and top not in outside and not is_stdlib(top) and module_file(root, top) is None:
                 outside.add(top)

@@ -90,6 +90,12 @@ def describe_files(folder: Path) -> dict[str, dict[str, Any]]:
     return {n: {"size": (folder / n).stat().st_size, "xxh3": hash_file(folder / n), "sha256": sha256_file(folder / n)} for n in names}
 
 
+def entry_record(cache_dir: Path, key: str) -> dict[str, Any] | None:
+    """The entry.json of key in the store under cache_dir, unverified, without opening the store (no folder is
+    created): for dry runs and `status`, which only say what a build would do."""
+    return read_json(cache_dir / STORE_DIR / "objects" / key[:2] / key / "entry.json")
+
+
 class ArtifactStore:
     def __init__(self, cache_dir: Path, state: StateCache | None = None, readonly: bool = False):
         self.root = cache_dir / STORE_DIR

@@ -22,9 +22,48 @@ from .manifest import loaded_from_json
 
 _STARTED = time.time()  # a fresh-process worker's start, for its "worker_start" timing
 
+_MAX_MESSAGE = 20_000  # the whole message goes to --json; the console shows its first lines (failures.bounded)
+
+
+class _Phases:
+    """The phase protocol: each phase is appended to the job's `progress` file as a JSON line {"phase", "t"} (the
+    parent reads it for progress lines and heartbeats) and logged with the time the previous phase took."""
+
+    def __init__(self, job: dict[str, Any]):
+        self.path = job.get("progress")
+        self.current: str | None = None
+        self.t = time.time()
+        self.took: dict[str, float] = {}
+
+    def __call__(self, phase: str) -> None:
+        now = time.time()
+        if self.current is not None:
+            self.took[self.current] = self.took.get(self.current, 0.0) + now - self.t
+        self.current, self.t = phase, now
+        print(f"[aitune-build {time.strftime('%H:%M:%S', time.localtime(now))}] {phase}", flush=True)
+        if self.path:
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"phase": phase, "t": now}) + "\n")
+            except OSError:
+                pass
+
+    def end(self) -> dict[str, float]:
+        """Seconds per phase (the last one ends now)."""
+        if self.current is not None:
+            self.took[self.current] = self.took.get(self.current, 0.0) + time.time() - self.t
+            self.current, self.t = None, time.time()
+        return {k: round(v, 3) for k, v in self.took.items()}
+
+
+_BUILD_PHASE = {"export": "exporting", "eager": "constructing"}  # every other backend compiles
+
+
 
 def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]:
     """Build, load and check one target. `started`: when this process began (time.time()) for the timings."""
+    phase = _Phases(job)
+    phase("importing")
     timings: dict[str, float] = {}
     t_entry = time.time()
     if job.get("submitted") is not None:  # the parent's clock when it asked for this worker
@@ -47,6 +86,7 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
     backend.import_libraries()
     timings["imports"] = time.perf_counter() - t0  # ~0 in a child of a warm fork server
     torch.manual_seed(0)
+    phase("constructing")
     t0 = time.perf_counter()
     reference = make_module(m, module_name, mod_spec, config.device)
     timings["construct"] = time.perf_counter() - t0
@@ -66,18 +106,21 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
         upstream=Path(job["upstream"]) if job.get("upstream") else None, extra={"backend_name": target.backend},
         timings=timings,
     )
+    phase(_BUILD_PHASE.get(config.kind, "compiling"))
     with ctx.phase("build"):
         record = backend.build(ctx)
     from .serve.identity import identity
 
     record = {**record, "module": identity(reference)}  # what `aitune-build run` checks a live module against
 
+    phase("loading")
     with ctx.phase("load"):
         loaded = backend.load(ctx)
     rtol, atol = DEFAULT_TOLERANCES[config.precision]
     rtol = target.check.rtol if target.check.rtol is not None else rtol
     atol = target.check.atol if target.check.atol is not None else atol
     checks: dict[str, Any] = {"precision": config.precision, "rtol": rtol, "atol": atol, "variants": {}}
+    phase("checking")
     with torch.no_grad(), ctx.phase("check"):
         for which in variants(mod_spec.inputs):
             inputs = ctx.example(which, seed=target.check.seed)
@@ -103,6 +146,7 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
                                            {"backend": to_json(config), "inputs": [to_json(i) for i in mod_spec.inputs]})
         timings["fresh_load"] = time.perf_counter() - t0
     record.update(backend.after_check(ctx))
+    _log_summary(job["target"], config.kind, phase.end(), checks)
     timings["worker"] = time.time() - t_entry
     return {"ok": True, "record": record, "check": checks, "timings": {k: round(v, 4) for k, v in timings.items()}}
 
@@ -124,6 +168,22 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+def _log_summary(target: str, kind: str, phases: dict[str, float], checks: dict[str, Any]) -> None:
+    """What a successful build.log ends with: phases with timings, versions, the check's numbers."""
+    import platform
+
+    import torch
+
+    print(f"built {target} ({kind})")
+    print("phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}")
+    print(f"check ({checks['precision']}, rtol {checks['rtol']:g}, atol {checks['atol']:g}):")
+    for which, v in checks["variants"].items():
+        shapes = ", ".join(f"{k}={v2}" for k, v2 in v.get("shapes", {}).items())
+        print(f"  {which:<4} {shapes}: max_abs_err {v['max_abs_err']:.3g}, max_rel_err {v['max_rel_err']:.3g}, passed")
+    sys.stdout.flush()
+
+
 def main(argv: list[str], started: float | None = None) -> int:
     _die_with_parent()
     job = json.loads(Path(argv[0]).read_text())
@@ -137,9 +197,10 @@ def main(argv: list[str], started: float | None = None) -> int:
     except AituneError as e:
         result = {"ok": False, "error": "backend", "message": str(e)}
     except Exception as e:
-        traceback.print_exc()
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        result = {"ok": False, "error": "backend", "message": f"{type(e).__name__}: {first}"[:500]}
+        traceback.print_exc()  # build.log keeps everything; the message keeps the substance (failures.describe)
+        from .failures import describe
+
+        result = {"ok": False, "error": "backend", "message": describe(e, Path(job["manifest"]).parent)[:_MAX_MESSAGE]}
     if not result["ok"]:
         print(f"aitune-build: {result['message']}", file=sys.stderr)
     atomic_write_json(result_path, result)

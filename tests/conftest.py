@@ -135,3 +135,30 @@ def run_cli(root: Path, *args: str) -> tuple[int, str, dict | None]:
 
 def statuses(data: dict) -> dict[str, str]:
     return {t["name"]: t["status"] for t in data["targets"]}
+
+
+@pytest.fixture(scope="session")
+def _built_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MANIFEST's project with every target built once per test session (its cache inside it)."""
+    saved = os.environ.pop("AITUNE_CACHE_DIR", None)
+    try:
+        root = make_project(tmp_path_factory.mktemp("template") / "proj")
+        code, out, _ = run_cli(root, "build")
+        assert code == 0, out
+    finally:
+        if saved is not None:
+            os.environ["AITUNE_CACHE_DIR"] = saved
+    return root
+
+
+@pytest.fixture
+def built_project(_built_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of the built template: every target up to date, the cache holding each key, the lock written.
+
+    Copying (a few MB) replaces three worker runs per test; tests that change the project change only their copy."""
+    import shutil
+
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    root = tmp_path / "proj"
+    shutil.copytree(_built_template, root, symlinks=True)
+    return root

@@ -53,8 +53,8 @@ def test_every_cpu_backend_builds_checks_caches_and_loads(project: Path) -> None
     assert "up-to-date" in out
 
 
-def test_check_reproducible_export(project: Path) -> None:
-    assert run_cli(project, "build", "adder_export")[0] == 0
+def test_check_reproducible_export(built_project: Path) -> None:
+    project = built_project
     code, out, data = run_cli(project, "build", "--check-reproducible", "--json", "adder_export", "mlp_eager")
     assert code == 0, out
     reasons = {t["name"]: t["reason"] for t in data["targets"]}
@@ -72,14 +72,14 @@ def test_fp16_check_tolerance_is_recorded_and_overridable(project: Path) -> None
     assert rec["check"]["rtol"] == 0.5 and rec["check"]["atol"] == 0.1
 
 
-def test_loaded_export_program_skips_torch_wrapper_and_checks_shapes(project: Path) -> None:
+def test_loaded_export_program_skips_torch_wrapper_and_checks_shapes(built_project: Path) -> None:
     """Exported programs are called flat (ProgramCall), with the input specs' bounds checked instead of torch's guards."""
     import torch
 
     import aitune_build
     from aitune_build.backends.exported import ProgramCall
 
-    assert run_cli(project, "build", "mlp_export")[0] == 0
+    project = built_project
     m = aitune_build.load("mlp_export", manifest=str(project / "aitune.toml"))
     assert isinstance(m.fn, ProgramCall) and m.fn.flat, "fell back to ExportedProgram.module()'s per-call wrapper"
     program = torch.export.load(str(project / "build/mlp_export/model.pt2")).module()

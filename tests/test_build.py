@@ -19,10 +19,8 @@ def build(root: Path, *args: str) -> dict:
     return data
 
 
-def test_incremental_rebuilds_only_what_changed(project: Path) -> None:
-    first = build(project)
-    assert first["code"] == 0, first
-    assert statuses(first) == {"mlp_export": "built", "mlp_eager": "built", "adder_export": "built"}
+def test_incremental_rebuilds_only_what_changed(built_project: Path) -> None:
+    project = built_project
     for f in project.rglob("*.py"):
         age(f)
     assert statuses(build(project)) == {"mlp_export": "cached", "mlp_eager": "cached", "adder_export": "cached"}
@@ -60,7 +58,8 @@ def test_incremental_rebuilds_only_what_changed(project: Path) -> None:
     assert statuses(build(project))["mlp_export"] == "built"  # sources globs are part of the key too
 
 
-def test_build_json_records_key_components_toolchain_timings_and_check(project: Path) -> None:
+def test_build_json_records_key_components_toolchain_timings_and_check(built_project: Path) -> None:
+    project = built_project
     assert build(project, "adder_export")["code"] == 0
     rec = json.loads((project / "build/adder_export/build.json").read_text())
     assert rec["key"] and rec["artifact"] == "model.pt2" and (project / "build/adder_export/model.pt2").is_file()
@@ -82,18 +81,18 @@ def test_named_target_builds_with_upstreams_only_and_dry_run_builds_nothing(proj
     assert "up-to-date   mlp_eager" in out and "would-build  mlp_export  (never built)" in out
 
 
-def test_force_rebuilds(project: Path) -> None:
-    build(project, "mlp_eager")
-    assert statuses(build(project, "mlp_eager", "-f")) == {"mlp_eager": "built"}
+def test_force_rebuilds(built_project: Path) -> None:
+    assert statuses(build(built_project, "mlp_eager", "-f")) == {"mlp_eager": "built"}
 
 
-def test_restored_from_cache_after_clean_and_corrupt_entry_is_rebuilt(project: Path) -> None:
-    build(project, "adder_export")
+def test_restored_from_cache_after_clean_and_corrupt_entry_is_rebuilt(built_project: Path) -> None:
+    project = built_project
+    key = json.loads((project / "build/adder_export/build.json").read_text())["key"]
     run_cli(project, "clean", "adder_export")
     again = build(project, "adder_export")
     assert again["targets"][0]["status"] == "cached" and again["targets"][0]["reason"] == "restored from cache"
     # flip a byte in the store's copy, then ask for it again
-    objects = list((project / ".aitune/store-v1/objects").rglob("model.pt2"))
+    objects = list((project / ".aitune/store-v1/objects" / key[:2] / key).rglob("model.pt2"))
     assert len(objects) == 1
     data = bytearray(objects[0].read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -105,8 +104,8 @@ def test_restored_from_cache_after_clean_and_corrupt_entry_is_rebuilt(project: P
     assert (project / "build/adder_export/model.pt2").read_bytes() != bytes(data)
 
 
-def test_modified_output_is_restored(project: Path) -> None:
-    build(project, "adder_export")
+def test_modified_output_is_restored(built_project: Path) -> None:
+    project = built_project
     art = project / "build/adder_export/model.pt2"
     good = art.read_bytes()
     art.write_bytes(b"garbage")
@@ -128,8 +127,8 @@ def test_crash_in_worker_fails_that_target_only(project: Path) -> None:
     assert data["summary"]["failed"] == 1 and data["summary"]["built"] == 1
 
 
-def test_failed_build_keeps_previous_output_and_skips_dependents(project: Path) -> None:
-    build(project, "mlp_eager")
+def test_failed_build_keeps_previous_output_and_skips_dependents(built_project: Path) -> None:
+    project = built_project
     before = (project / "build/mlp_eager/build.json").read_bytes()
     (project / "models/mlp.py").write_text((project / "models/mlp.py").read_text().replace("return MLP(hidden)", "raise RuntimeError('boom')"))
     data = build(project, "mlp_eager")
@@ -151,6 +150,7 @@ def test_check_mismatch_fails_and_caches_nothing(project: Path) -> None:
     assert not list((project / ".aitune/store-v1/objects").rglob("entry.json"))
 
 
+@pytest.mark.slow
 def test_two_processes_build_one_key_once(project: Path) -> None:
     cmd = [sys.executable, "-m", "aitune_build", "-C", str(project), "build", "adder_export", "--json"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -160,13 +160,14 @@ def test_two_processes_build_one_key_once(project: Path) -> None:
     assert len(list((project / ".aitune/store-v1/objects").rglob("entry.json"))) == 1
 
 
+@pytest.mark.slow
 def test_parallel_jobs(project: Path) -> None:
     data = build(project, "-j", "2")
     assert data["code"] == 0 and data["summary"]["built"] == 3
 
 
-def test_noop_build_status_and_explain_never_import_torch_or_pydantic(project: Path) -> None:
-    build(project)
+def test_noop_build_status_and_explain_never_import_torch_or_pydantic(built_project: Path) -> None:
+    project = built_project
     probe = (
         "import sys\nfrom aitune_build.cli import main\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
@@ -178,7 +179,8 @@ def test_noop_build_status_and_explain_never_import_torch_or_pydantic(project: P
         assert out.returncode == 0 and "no torch" in out.stdout, (args, out.stdout, out.stderr)
 
 
-def test_unavailable_backend_is_skipped_when_building_all_and_failed_when_named(project: Path) -> None:
+def test_unavailable_backend_is_skipped_when_building_all_and_failed_when_named(built_project: Path) -> None:
+    project = built_project
     text = (project / "aitune.toml").read_text() + '\n[backends.trt]\nkind = "torch_tensorrt_aot"\n[targets.mlp_trt]\nmodule = "mlp"\nbackend = "trt"\n'
     (project / "aitune.toml").write_text(text)
     from aitune_build.backends import backend_for
@@ -204,8 +206,8 @@ def test_graph_formats(project: Path) -> None:
     assert '"module:mlp" -> "mlp_export" [label="export"];' in out
 
 
-def test_gc_removes_least_recently_used_first(project: Path) -> None:
-    build(project)
+def test_gc_removes_least_recently_used_first(built_project: Path) -> None:
+    project = built_project
     code, out, data = run_cli(project, "gc", "--max-size", "0", "--json")
     assert code == 0 and len(data["removed"]) == 3 and data["bytes_left"] == 0
     code, out, _ = run_cli(project, "gc", "--max-size", "lots")

@@ -22,17 +22,15 @@ def _build(root: Path, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def built(project: Path) -> Path:
-    code, out = _build(project, "mlp_export", "adder_export")
-    assert code == 0, out
-    return project
+def built(built_project: Path) -> Path:
+    return built_project
 
 
 def test_lock_written_sorted_and_stable(built: Path) -> None:
     lock = built / "aitune.lock"
     first = lock.read_bytes()
     data = json.loads(first)
-    assert data["format"] == 1 and list(data["targets"]) == ["adder_export", "mlp_export"]
+    assert data["format"] == 2 and list(data["targets"]) == ["adder_export", "mlp_eager", "mlp_export"]
     entry = data["targets"]["mlp_export"]
     art = built / "build/mlp_export/model.pt2"
     assert entry["artifact"]["sha256"] == hashlib.sha256(art.read_bytes()).hexdigest()
@@ -56,13 +54,13 @@ def test_locked_fails_on_each_kind_of_change(built: Path, change: str) -> None:
         expect = "weights/mlp.pt changed"
     elif change == "args":
         toml.write_text(toml.read_text().replace("hidden = 8", "hidden = 8, extra = 1"))
-        expect = "module: "
+        expect = "module.args.extra: added (1)"
     elif change == "input_spec":
         toml.write_text(toml.read_text().replace("min = 1, opt = 4, max = 8", "min = 1, opt = 4, max = 16"))
-        expect = "module: "
+        expect = "module.inputs[0].shape[0].max: 8 -> 16"
     else:
         toml.write_text(toml.read_text().replace('kind = "export"', 'kind = "export"\nstrict = true'))
-        expect = "backend: "
+        expect = "backend.strict: false -> true"
     lock_before = (built / "aitune.lock").read_bytes()
     code, out = _build(built, "--locked", "mlp_export")
     assert code == 1, out
@@ -83,6 +81,7 @@ def test_locked_fails_on_toolchain_change(built: Path, monkeypatch: pytest.Monke
     assert code == 1 and "toolchain.torch:" in out and "torch 9.9.9" in out
 
 
+@pytest.mark.slow
 def test_export_artifact_does_not_depend_on_the_checkout_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two checkouts in different folders, each with its own cache, build the same export bytes (the lock holds)."""
     shas = []
@@ -94,6 +93,7 @@ def test_export_artifact_does_not_depend_on_the_checkout_folder(tmp_path: Path, 
     assert shas[0] == shas[1]
 
 
+@pytest.mark.slow
 def test_package_twice_from_two_checkouts_is_byte_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "shared-cache"
     monkeypatch.setenv("AITUNE_CACHE_DIR", str(cache))

@@ -77,6 +77,14 @@ def _run(fn: Any) -> None:
     except AituneError as e:
         click.echo(f"aitune-build: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # disk full, read-only or vanished folders: the environment, not a bug
+        from .paths import io_problem
+
+        click.echo(f"aitune-build: error: {io_problem(e)}", err=True)
+        sys.exit(EXIT_FAILED)
+    except RecursionError:
+        click.echo("aitune-build: error: input nested too deeply", err=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(code or 0)
 
 
@@ -443,19 +451,28 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
     """Remove materialised outputs (of TARGETS, default all)."""
 
     def go() -> int:
-        import shutil
-
+        from .paths import clean_cache, owns_out_dir, remove_owned
         from .plan import select
 
         project = obj.open()
         names = list(targets) if targets else list(project.manifest.model.targets)
         select(project.manifest.model, names)  # validates the names
+        out = project.out_dir
+        if out.exists() and not owns_out_dir(out):
+            raise project.manifest.error("project.out_dir", f"{out} was not created by aitune-build (no .aitune-out "
+                                         "marker in it); nothing removed")
         for n in names:
-            shutil.rmtree(project.target_dir(n), ignore_errors=True)
-            click.echo(f"removed {project.target_dir(n)}")
+            if out.exists() and remove_owned(project.target_dir(n), out):
+                click.echo(f"removed {project.target_dir(n)}")
         if cache:
-            shutil.rmtree(project.cache_dir, ignore_errors=True)
-            click.echo(f"removed {project.cache_dir}")
+            try:
+                removed = clean_cache(project.cache_dir)
+            except UserError as e:
+                if os.environ.get("AITUNE_CACHE_DIR"):
+                    raise UserError(f"AITUNE_CACHE_DIR: {e}") from None
+                raise project.manifest.error("project.cache_dir", str(e)) from None
+            for p in removed:
+                click.echo(f"removed {p}")
         return EXIT_OK
 
     _run(go)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 
 from .errors import AituneError, UserError
@@ -130,6 +129,8 @@ def remove_owned(path: Path, owner: Path) -> bool:
         path.unlink()
         return True
     if path.is_dir():
+        import shutil  # not on a no-op build's path
+
         shutil.rmtree(path)
         return True
     return False

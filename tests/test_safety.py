@@ -122,7 +122,7 @@ def test_clean_cache_removes_only_what_the_store_wrote(built: Path) -> None:
     assert (shared / "CACHEDIR.TAG").is_file() and (shared / "store-v1").is_dir()
     code, out, _ = run_cli(built, "clean", "--cache")
     assert code == 0, out
-    assert sorted(p.relative_to(shared).as_posix() for p in shared.rglob("*")) == ["CACHEDIR.TAG", "notes.txt", "sub", "sub/keep.bin"]
+    assert sorted(p.relative_to(shared).as_posix() for p in shared.rglob("*")) == [".gitignore", "CACHEDIR.TAG", "notes.txt", "sub", "sub/keep.bin"]
     assert "notes.txt" not in out
 
 

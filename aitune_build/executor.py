@@ -332,6 +332,7 @@ def _from_remote(project: Project, name: str, key: str, comps: dict[str, Any]) -
         if entry is None:
             return None
         record = {**entry.meta, "target": name, "source": "remote"}
+        project.prepare_out_dir()
         try:
             materialise(project.target_dir(name), entry.path, entry.files, record)
         except CorruptCopy:

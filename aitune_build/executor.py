@@ -427,6 +427,8 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
 
 def _disk_note(*paths: Path) -> str:
     """'; the disk holding X is full' when a worker died on a full disk (torch aborts rather than raising)."""
+    import os
+
     for p in paths:
         try:
             st = os.statvfs(p.parent)

@@ -78,6 +78,14 @@ def _run(fn: Any) -> None:
     except AituneError as e:
         click.echo(f"aitune-build: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:  # disk full, read-only or vanished folders: the environment, not a bug
+        from .paths import io_problem
+
+        click.echo(f"aitune-build: error: {io_problem(e)}", err=True)
+        sys.exit(EXIT_FAILED)
+    except RecursionError:
+        click.echo("aitune-build: error: input nested too deeply", err=True)
+        sys.exit(EXIT_USAGE)
     sys.exit(code or 0)
 
 
@@ -641,17 +649,28 @@ def clean(obj: _Ctx, targets: tuple[str, ...], cache: bool) -> None:
     """Remove materialised outputs (of TARGETS, default all)."""
 
     def go() -> int:
-        import shutil
-
+        from .paths import clean_cache, owns_out_dir, remove_owned
         from .plan import select
 
         project = obj.open()
         names = list(targets) if targets else select(project.manifest.model, [])  # all (a tuned target's folder holds its candidates')
         select(project.manifest.model, names)  # validates the names
-        for folder in [project.target_dir(n) for n in names] + ([project.cache_dir] if cache else []):
-            if folder.exists():  # "removed" only for what was there
-                shutil.rmtree(folder, ignore_errors=True)
-                click.echo(f"removed {folder}")
+        out = project.out_dir
+        if out.exists() and not owns_out_dir(out):
+            raise project.manifest.error("project.out_dir", f"{out} was not created by aitune-build (no .aitune-out "
+                                         "marker in it); nothing removed")
+        for n in names:
+            if out.exists() and remove_owned(project.target_dir(n), out):
+                click.echo(f"removed {project.target_dir(n)}")
+        if cache:
+            try:
+                removed = clean_cache(project.cache_dir)
+            except UserError as e:
+                if os.environ.get("AITUNE_CACHE_DIR"):
+                    raise UserError(f"AITUNE_CACHE_DIR: {e}") from None
+                raise project.manifest.error("project.cache_dir", str(e)) from None
+            for p in removed:
+                click.echo(f"removed {p}")
         return EXIT_OK
 
     _run(go)

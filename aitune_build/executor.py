@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
 from .manifest import to_json
+from .faults import checkpoint
 from .outputs import FAILURE, LOG, BuildRecord, CorruptCopy, current_record, materialise, read_record
+from .paths import io_problem
 from .project import Project
 from .status import Status
 
@@ -197,6 +199,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="backend")
         except UserError as e:
             return TargetResult(job.name, FAILED, job.key, reason=str(e), error="user")
+        except OSError as e:  # disk full, a folder removed by `clean` meanwhile, a read-only file system
+            return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
     pending = list(order)
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
@@ -321,7 +325,9 @@ def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runne
         if job.current is not None:  # only with --check-reproducible: otherwise settled by the scheduler
             res = TargetResult(name, CACHED, key, reason="up to date", record=job.current, source="local")
             return _maybe_check_reproducible(project, res, backend, options, runner, listen, upstream_file)
-        hit = _from_store(project, name, key) or _from_remote(project, name, key, comps)
+        with store.lock(key) if not store.readonly else _NoLock():  # gc removes under this lock: never mid-copy
+            hit = _from_store(project, name, key)
+        hit = hit or _from_remote(project, name, key, comps)
         if hit is not None:
             return _maybe_check_reproducible(project, hit, backend, options, runner, listen, upstream_file)
 
@@ -344,6 +350,7 @@ def _from_store(project: Project, name: str, key: str) -> TargetResult | None:
     entry = project.store.get(key)
     if entry is None:
         return None
+    project.prepare_out_dir()
     record = {**entry.meta, "target": name, "source": "cache"}
     try:
         materialise(project.target_dir(name), entry.path, entry.files, record)
@@ -367,6 +374,7 @@ def _from_remote(project: Project, name: str, key: str, comps: dict[str, Any]) -
         if entry is None:
             return None
         record = {**entry.meta, "target": name, "source": "remote"}
+        project.prepare_out_dir()
         try:
             materialise(project.target_dir(name), entry.path, entry.files, record)
         except CorruptCopy:
@@ -391,12 +399,15 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
     import shutil
 
     folder = project.target_dir(name)
+    project.prepare_out_dir()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
     progress = progress_file(tmp)
     try:
         listen("worker", name, {"progress": progress, "log": folder / LOG})
+        checkpoint("worker-start")
         outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen))
+        checkpoint("worker-done")
         where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
             kind = outcome.get("error", "backend")
@@ -419,6 +430,7 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
             materialise(folder, tmp, describe_files(tmp), meta)
         else:
             entry = project.store.put(key, tmp, meta)
+            checkpoint("put-done")
             materialise(folder, entry.path, entry.files, meta)
             if project.remote is not None:
                 project.remote.upload(entry, name)  # in the background; Project.close waits for it
@@ -454,7 +466,7 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
         code = workers.run(job, log, kind, env or {}) if workers is not None else run_plain(job, log, env or {})
         outcome = json.loads(result.read_text()) if result.exists() else None
         if code != 0 or outcome is None:
-            return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(code)}"}
+            return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(code)}{_disk_note(artifact_dir, log)}"}
         if isinstance(outcome.get("timings"), dict):
             outcome["timings"]["worker_total"] = round(time.time() - submitted, 4)
         return outcome
@@ -463,6 +475,20 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
     finally:
         for f in (job, result):
             f.unlink(missing_ok=True)
+
+
+def _disk_note(*paths: Path) -> str:
+    """'; the disk holding X is full' when a worker died on a full disk (torch aborts rather than raising)."""
+    import os
+
+    for p in paths:
+        try:
+            st = os.statvfs(p.parent)
+        except OSError:
+            continue
+        if st.f_bavail * st.f_frsize < (4 << 20):
+            return f"; the disk holding {p.parent} is full: free space and build again"
+    return ""
 
 
 def _describe_exit(code: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import traceback
 from typing import Any
@@ -16,8 +17,7 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
     import torch
 
     key = f"modules.{module_name}"
-    if str(m.root) not in sys.path:
-        sys.path.insert(0, str(m.root))
+    _add_to_path(str(m.root))
     module_path, fn_name = spec.factory.split(":")
     torch.manual_seed(0)  # a factory without weights initialises randomly: the same way every time
     try:
@@ -38,6 +38,20 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
                           f"path)): {type(e).__name__}: {str(e).strip()}") from None
     _check_forward(m, key, spec, module)
     return module.eval().to(device)
+
+
+def _add_to_path(root: str) -> None:
+    """Put the project folder on sys.path after the standard library, so that a project file named like a stdlib
+    module (json.py, random.py) does not shadow it; project packages still come before site-packages."""
+    if root in sys.path:
+        return
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    after = 0
+    for i, p in enumerate(sys.path):
+        real = os.path.realpath(p) if p else ""
+        if real in (stdlib, os.path.join(stdlib, "lib-dynload")) or p.endswith(".zip"):
+            after = i + 1
+    sys.path.insert(after, root)
 
 
 def _check_forward(m: LoadedManifest, key: str, spec: ModuleSpec, module: Any) -> None:

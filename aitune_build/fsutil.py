@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from .faults import checkpoint
+
 
 def umask() -> int:
     """The process umask, read without changing it (os.umask sets it, racing threads that create files). Read
@@ -62,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        checkpoint("atomic-write")
         os.replace(tmp, path)
     except BaseException:
         with _suppress():

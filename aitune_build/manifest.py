@@ -10,6 +10,7 @@ cycle and file checks run on every load. Nothing here imports torch. Every user 
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -17,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 import xxhash
 
 from .errors import ManifestError, did_you_mean
-from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE  # noqa: F401  (re-exported)
+from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_MAX, NAME_RE  # noqa: F401  (re-exported)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -313,9 +314,32 @@ def read_bytes(path: Path) -> bytes:
 def parse(raw: bytes, path: Path) -> dict[str, Any]:
     """The TOML document; a ManifestError for malformed TOML."""
     try:
-        return tomllib.loads(raw.decode("utf-8"))
+        data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(_display(path), "", f"invalid TOML: {e}") from None
+    except RecursionError:
+        raise ManifestError(_display(path), "", f"invalid TOML: nested more than {MAX_DEPTH} levels deep") from None
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ManifestError(_display(path), deep, f"nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+MAX_DEPTH = 64
+
+
+def _too_deep(data: Any) -> str | None:
+    """The key path where data nests deeper than MAX_DEPTH (iteratively: no recursion to overflow), else None."""
+    todo: list[tuple[Any, list[str], int]] = [(data, [], 0)]
+    while todo:
+        obj, path, depth = todo.pop()
+        if depth > MAX_DEPTH:
+            return ".".join(path[:4]) + ("..." if len(path) > 4 else "")
+        if isinstance(obj, dict):
+            todo += [(v, path + [str(k)], depth + 1) for k, v in obj.items()]
+        elif isinstance(obj, list):
+            todo += [(v, path[:-1] + [f"{path[-1] if path else ''}[{i}]"], depth + 1) for i, v in enumerate(obj)]
+    return None
 
 
 def validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -374,8 +398,9 @@ def _check_references(m: LoadedManifest) -> None:
     declared = {n: t for n, t in man.targets.items() if not is_candidate(n)}  # candidates are derived: checked via T
     for table, names in (("modules", man.modules), ("backends", man.backends), ("targets", declared)):
         for name in names:
-            if not NAME_RE.match(name):
-                raise m.error(f'{table}."{name}"', "names may use letters, digits, '_', '.' and '-' only")
+            problem = name_problem(name)
+            if problem:
+                raise m.error(f"{table}.{json.dumps(name)}", problem)
     for name, mod in man.modules.items():
         _check_module(m, name, mod)
     for name, t in declared.items():
@@ -460,6 +485,17 @@ def batch_axes(inputs: tuple[InputSpec, ...] | list[InputSpec]) -> list[tuple[in
     return [(i, j) for i, s in enumerate(inputs) for j, d in enumerate(s.shape) if isinstance(d, Axis) and d.dim == first.dim]
 
 
+def name_problem(name: str) -> str | None:
+    """Why name cannot name a module, backend or target (it becomes a folder name), or None."""
+    if not NAME_RE.fullmatch(name):
+        return "names may use letters, digits, '_', '.' and '-' only"
+    if name.startswith("."):
+        return "names may not start with '.' ('.' and '..' are folders, not names)"
+    if len(name) > NAME_MAX:
+        return f"names may be at most {NAME_MAX} characters long (this one has {len(name)})"
+    return None
+
+
 def _check_cycles(m: LoadedManifest) -> None:
     targets = m.model.targets
     state: dict[str, int] = {}
@@ -489,6 +525,13 @@ def _check_module(m: LoadedManifest, name: str, mod: ModuleSpec) -> None:
     defined = _top_level_names(tree) if tree is not None else [fn]
     if fn not in defined and "*" not in defined:
         raise m.error(f"{key}.factory", f"'{module_path}' defines no '{fn}'{did_you_mean(fn, defined)}")
+    for field, value in [("weights", mod.weights)] + [(f"inputs[{i}].sample", s.sample) for i, s in enumerate(mod.inputs)]:
+        if value is not None and "\0" in value:
+            raise m.error(f"{key}.{field}", "a path may not contain a NUL character")
+    for i, pattern in enumerate(mod.sources):
+        parts = Path(pattern).parts
+        if "\0" in pattern or not pattern or Path(pattern).is_absolute() or pattern.startswith(("/", "\\")) or ".." in parts:
+            raise m.error(f"{key}.sources[{i}]", f"'{pattern}' reaches outside the project; use a glob relative to {m.root.name}/")
     if mod.weights is not None and not (m.root / mod.weights).is_file():
         raise m.error(f"{key}.weights", f"file not found: {mod.weights}")
     names: set[str] = set()

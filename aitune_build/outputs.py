@@ -7,11 +7,13 @@ written last; until then the folder still describes the previous good build.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_copy, atomic_write_json, read_json
+from .faults import checkpoint
+from .fsutil import atomic_write_json, read_json
 from .hashing import StateCache, hash_file
 
 BUILD_FORMAT = 1
@@ -90,19 +92,39 @@ def holds(folder: Path, rec: dict[str, Any] | None, key: str, state: StateCache)
 
 
 def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, want in files.items():
-        atomic_copy(source / name, folder / name)
-        if hash_file(folder / name) != want["xxh3"]:
-            raise CorruptCopy(f"{name} copied from the cache does not match its checksum")
-    tops = {name.split("/")[0] for name in files} | _KEEP
-    for stale in folder.iterdir():
-        if stale.name in tops or stale.name.startswith("."):
-            continue
-        if stale.is_dir():
-            import shutil
+    """Copy files into folder: every file to a temp name first (checked), then all renamed into place, build.json
+    last. A failure (disk full, a corrupt source) leaves the previous build's files as they were."""
+    import tempfile
 
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.unlink(stale)
+    folder.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[str, str]] = []
+    try:
+        for name, want in files.items():
+            dst = folder / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+            os.close(fd)
+            staged.append((tmp, name))
+            shutil.copyfile(source / name, tmp)
+            checkpoint("materialise-staged")
+            if hash_file(Path(tmp)) != want["xxh3"]:
+                raise CorruptCopy(f"{name} copied from the cache does not match its checksum")
+        for tmp, name in staged:
+            os.replace(tmp, folder / name)
+            checkpoint("materialise-replaced")
+        staged = []
+    finally:
+        for tmp, _ in staged:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    tops = {name.split("/")[0] for name in files} | _KEEP
+    from .paths import remove_owned
+
+    for stale in folder.iterdir():
+        if stale.name in tops or (stale.name.startswith(".") and not stale.name.endswith(".tmp")):
+            continue
+        remove_owned(stale, folder.parent)  # only inside an out_dir the tool created and marked
+    checkpoint("materialise-record")
     atomic_write_json(folder / RECORD, {"format": BUILD_FORMAT, **record, "files": files, "materialised_at": time.time()})

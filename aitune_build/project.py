@@ -64,8 +64,15 @@ class Project:
                 state.set_validated(digest, normal)
                 model = Manifest.from_json(normal)
         m = checked(path, model)
+        _check_layout(m, cache_dir, env)
         fp = Fingerprinter(m, state, toolchain_override=toolchain_override, gpus=gpus, gpu_model=gpu_model)
         return cls(manifest=m, cache_dir=cache_dir, state=state, fingerprinter=fp, readonly_cache=readonly_cache)
+
+    def prepare_out_dir(self) -> None:
+        """Create (or adopt) out_dir with its marker before anything is written into it."""
+        from .paths import ensure_out_dir
+
+        ensure_out_dir(self.out_dir)
 
     @property
     def store(self) -> ArtifactStore:
@@ -110,6 +117,25 @@ class Project:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_layout(m: LoadedManifest, cache_dir: Path, env: str | None) -> None:
+    from .paths import check_layout, source_paths
+
+    model = m.model
+    files = [m.path.name] + [mod.weights for mod in model.modules.values() if mod.weights]
+    files += [i.sample for mod in model.modules.values() for i in mod.inputs if i.sample]
+    sources = source_paths(m.root, [mod.factory for mod in model.modules.values()], files)
+    out = ("project.out_dir", model.project.out_dir, m.root / model.project.out_dir)
+    cache = ("AITUNE_CACHE_DIR", env, cache_dir) if env else ("project.cache_dir", model.project.cache_dir, cache_dir)
+    from .errors import ManifestError, UserError
+
+    try:
+        check_layout(m.root, out, cache, sources)
+    except UserError as e:
+        if str(e).startswith("AITUNE_CACHE_DIR"):
+            raise
+        raise ManifestError(m.display, "", str(e)) from None
 
 
 def _remembered(state: StateCache, digest: str) -> Manifest | None:

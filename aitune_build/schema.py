@@ -302,7 +302,7 @@ def _format_loc(loc: list) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + (str(part) if NAME_RE.match(str(part)) and "." not in str(part) else f'"{part}"')
+            out += ("." if out else "") + (str(part) if NAME_RE.fullmatch(str(part)) and "." not in str(part) else f'"{part}"')
     return out
 
 

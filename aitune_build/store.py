@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from filelock import FileLock
 
+from .faults import checkpoint
 from .fsutil import atomic_write_bytes, atomic_write_json, mkdtemp, read_json
 from .hashing import STATE_VERSION, StateCache, hash_file, sha256_file
 
@@ -72,6 +73,29 @@ def _prune_old_versions(cache_dir: Path) -> None:
             pass
 
 
+ORPHAN_GRACE_S = 60.0  # a tmp entry younger than this is never an orphan (its owner may still be starting)
+ORPHAN_FOREIGN_S = 7 * 24 * 3600.0  # another host's tmp entries: its processes cannot be checked from here
+_TMP_NAME = __import__("re").compile(
+    r"(?:build-(?:(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-)?[^/]*|rm-[0-9a-f]+-(?P<rmpid>\d+)-\d+)")
+
+
+def _host() -> str:
+    import re
+    import socket
+
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class CorruptEntry(UserWarning):
     pass
 
@@ -109,6 +133,7 @@ class ArtifactStore:
                     except OSError:
                         pass
             _prune_old_versions(cache_dir)
+            self.remove_orphans()
 
     def _dir(self, key: str) -> Path:
         return self.root / "objects" / key[:2] / key
@@ -149,18 +174,56 @@ class ArtifactStore:
     def new_tmp(self) -> Path:
         """A folder to build into: under the store (renamed into place, same filesystem), or a private one in the
         system temp folder when the cache is read-only (outputs are copied from it, never renamed)."""
-        return mkdtemp("build-", self.root / "tmp" if not self.readonly else None)
+        return mkdtemp(f"build-{_host()}-{os.getpid()}-", self.root / "tmp" if not self.readonly else None)
+
+    def remove_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> list[str]:
+        """Remove what killed processes left in tmp/ (build folders, job files, trash): entries older than grace_s
+        whose owner process is gone (on this host; another host's entries only after ORPHAN_FOREIGN_S). The build
+        folder's name carries its owner: build-<host>-<pid>-<random>."""
+        tmp = self.root / "tmp"
+        removed: list[str] = []
+        try:
+            names = os.listdir(tmp)
+        except OSError:
+            return removed
+        now = time.time()
+        for name in names:
+            m = _TMP_NAME.match(name)
+            if m is None:
+                continue
+            path = tmp / name
+            try:
+                age = now - path.lstat().st_mtime
+            except OSError:
+                continue
+            host, pid = m.group("host"), m.group("pid") or m.group("rmpid")
+            if host is not None and host != _host():
+                if age < ORPHAN_FOREIGN_S:
+                    continue
+            elif age < grace_s or (pid is not None and _alive(int(pid))):
+                continue
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+                removed.append(name)
+            except OSError:
+                pass
+        return removed
 
     def put(self, key: str, folder: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]] | None = None) -> Entry:
         """Move a finished build folder into the store under key (replacing any entry there). `files`: the folder's
         description when the caller has just verified it (a remote download), to save hashing it again."""
         files = files if files is not None else describe_files(folder)
         atomic_write_json(folder / "entry.json", {"format": ENTRY_FORMAT, "key": key, "files": files, "meta": meta, "created": time.time()})
+        checkpoint("put-entry-written")
         final = self._dir(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             self.remove(key)
         os.replace(folder, final)
+        checkpoint("put-renamed")
         return Entry(key=key, path=final, files=files, meta=meta)
 
     def remove(self, key: str) -> None:
@@ -174,6 +237,7 @@ class ArtifactStore:
             os.replace(path, trash)  # atomic: readers see the entry or nothing
         except OSError:
             return
+        checkpoint("remove-renamed")
         shutil.rmtree(trash, ignore_errors=True)
 
     def touch(self, key: str) -> None:
@@ -210,6 +274,7 @@ class ArtifactStore:
         for key, _, size in entries:
             if total <= max_bytes:
                 break
+            checkpoint("gc-entry")
             with self.lock(key):
                 self.remove(key)
             removed.append(key)

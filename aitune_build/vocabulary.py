@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import re
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+# Names become folder names (<out_dir>/<target>, targets/<name>/ in archives): checked with fullmatch (a `$` would
+# accept a trailing newline), never `.`/`..` or hidden (manifest.name_problem), and short enough for any filesystem.
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+NAME_MAX = 100
 FACTORY_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 DEFAULT_CACHE_DIR = ".aitune"
 # The one registration of a backend kind: its class in aitune_build/backends/. Everything else about a kind (its

@@ -203,7 +203,11 @@ def main(argv: list[str], started: float | None = None) -> int:
         result = {"ok": False, "error": "backend", "message": describe(e, Path(job["manifest"]).parent)[:_MAX_MESSAGE]}
     if not result["ok"]:
         print(f"aitune-build: {result['message']}", file=sys.stderr)
-    atomic_write_json(result_path, result)
+    try:
+        atomic_write_json(result_path, result)
+    except OSError as e:  # a full disk: say so in the log, which the parent names
+        print(f"aitune-build: cannot write the result: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

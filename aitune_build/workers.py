@@ -65,6 +65,8 @@ def worker_env() -> dict[str, str]:
     env = dict(os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.pop("AITUNE_KILL_AT", None)  # the fault-injection hook (faults.py) counts the build process's checkpoints only
+    env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the cwd first on sys.path: a project json.py would shadow json
     return env
 
 

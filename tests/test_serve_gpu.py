@@ -132,7 +132,7 @@ def test_run_serves_torch_tensorrt_into_an_unmodified_script(tmp_path: Path, ser
     assert code == 0, out
     debug, result = tmp_path / "debug.json", tmp_path / "out.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AITUNE_")}
-    env["PYTHONPATH"] = str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep torch_tensorrt's site
     proc = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "run", "--debug", str(debug), "--",
                            sys.executable, "app.py", str(result)], cwd=project, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr

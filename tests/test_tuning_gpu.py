@@ -140,7 +140,8 @@ def test_gpu_selection_trt_inductor_eager(tmp_path: Path, monkeypatch: pytest.Mo
         sel = json.loads((root / "build" / name / "selection.json").read_text())
         rows = {c["backend"]: c for c in sel["candidates"]}
         assert sel["device"] == gpu_info()[0]["name"]
-        assert {r["build"] for r in rows.values()} == {"built"}
+        # cnn and cnn_throughput share their candidates' keys: whichever selection runs second finds them cached
+        assert {r["build"] for r in rows.values()} <= ({"built"} if name == "encoder" else {"built", "cached"})
         ok = {b: r for b, r in rows.items() if r["rejected"] is None}
         assert set(ok) == set(rows), {b: r["rejected"] for b, r in rows.items()}
         assert sel["winner"] == min(ok, key=lambda b: ok[b]["latency_ms"]["1"]["median"])

@@ -18,7 +18,9 @@ class TorchTensorRTAotBackend(Backend):
     takes_from = True
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
-    preload = ExportBackend.preload + ("torch_tensorrt",)
+    # Not torch_tensorrt itself: importing torch-tensorrt-rtx 2.11 initialises CUDA (seen on an H200), after which a
+    # forked child could not use the GPU. The server preloads torch's stack; each child imports torch_tensorrt.
+    preload = ExportBackend.preload
     deterministic = False  # TensorRT picks tactics by timing
 
     @property

@@ -18,7 +18,7 @@ class TorchTensorRTJitBackend(Backend):
     config_class = "TorchTensorRTJitConfig"
     takes_from = True
     artifact = "record.json"
-    preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch_tensorrt")
+    preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd")  # not torch_tensorrt: see torch_tensorrt_aot
     revision = 2  # 2: PyTorch's compile caches stored with the record
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place

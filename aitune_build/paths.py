@@ -11,6 +11,7 @@ folder holding one), never each other.
 from __future__ import annotations
 
 import os
+import threading
 import re
 from pathlib import Path
 
@@ -87,14 +88,23 @@ def ensure_out_dir(out_dir: Path) -> None:
     marker = out_dir / OUT_MARKER
     if marker.is_file():
         return
-    if out_dir.exists():
-        foreign = [p.name for p in out_dir.iterdir()
-                   if not (p.is_dir() and ((p / "build.json").is_file() or (p / "build.log").is_file() or not any(p.iterdir())))]
-        if foreign:
-            raise UserError(f"project.out_dir: {out_dir} holds files aitune-build did not write ({foreign[0]}); "
-                            "choose another out_dir or empty that folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text("This folder holds aitune-build outputs; `aitune-build clean` deletes in it.\n")
+    with _OUT_DIR_LOCK:  # the executor's threads materialise at once: one of them creates the marker
+        if marker.is_file():
+            return
+        if out_dir.exists():
+            # the marker itself may appear meanwhile: another process adopting the same folder
+            foreign = [p.name for p in out_dir.iterdir() if p.name != OUT_MARKER and not (
+                p.is_dir() and ((p / "build.json").is_file() or (p / "build.log").is_file() or not any(p.iterdir())))]
+            if foreign:
+                raise UserError(f"project.out_dir: {out_dir} holds files aitune-build did not write ({foreign[0]}); "
+                                "choose another out_dir or empty that folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from .fsutil import atomic_write_bytes
+
+        atomic_write_bytes(marker, b"This folder holds aitune-build outputs; `aitune-build clean` deletes in it.\n")
+
+
+_OUT_DIR_LOCK = threading.Lock()
 
 
 def owns_out_dir(out_dir: Path) -> bool:

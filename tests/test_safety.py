@@ -481,3 +481,36 @@ def test_verify_of_a_gzip_bomb_holds_it_in_bounded_memory(tmp_path: Path) -> Non
     problem, peak_mib = r.stdout.splitlines()
     assert "sha256 does not match" in problem or "missing" in problem, problem
     assert int(peak_mib) < 150, peak_mib
+
+
+def test_out_dir_is_adopted_once_when_many_targets_materialise_at_once(tmp_path: Path) -> None:
+    """Seen on a 2-GPU build: one target's thread created the marker while another listed the folder and took the
+    marker for a foreign file. Every thread (and a second process) must see a folder of ours."""
+    import subprocess
+    import sys
+    import threading
+
+    from aitune_build.paths import OUT_MARKER, ensure_out_dir
+
+    for round_ in range(20):
+        out = tmp_path / f"build{round_}"
+        (out / "t0").mkdir(parents=True)  # a target folder already there (a build.log being written)
+        (out / "t0" / "build.log").write_text("")
+        barrier, errors = threading.Barrier(8), []
+
+        def go() -> None:
+            barrier.wait()
+            try:
+                ensure_out_dir(out)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        other = subprocess.Popen([sys.executable, "-c", f"from aitune_build.paths import ensure_out_dir; from pathlib import Path; ensure_out_dir(Path({str(out)!r}))"])
+        threads = [threading.Thread(target=go) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert other.wait() == 0
+        assert not errors, errors
+        assert (out / OUT_MARKER).is_file()

@@ -86,7 +86,9 @@ def test_loaded_export_program_skips_torch_wrapper_and_checks_shapes(built_proje
     for batch in (1, 5, 8):  # the batch axis runs 1..8
         x = torch.randn(batch, 4)
         torch.testing.assert_close(m(x), program(x=x))
+    with pytest.raises(ValueError, match=r"mlp_export: input 'x' has shape \[9, 4\]; the artifact takes \[1\.\.8, 4\]"):
+        m(torch.randn(9, 4))  # load()'s check of the inputs against the specs
     with pytest.raises(ValueError, match=r"input 'x' has shape \[9, 4\]; this artifact takes \[1\.\.8, 4\]"):
-        m(torch.randn(9, 4))
+        m.fn(x=torch.randn(9, 4))  # ProgramCall's own, for callers below load()
     with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 5\]"):
         m(torch.randn(2, 5))

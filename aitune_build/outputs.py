@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .faults import checkpoint
-from .fsutil import atomic_write_json, read_json
+from .fsutil import _temp_beside, atomic_write_json, read_json
 from .hashing import StateCache, hash_file
 
 BUILD_FORMAT = 1
@@ -94,15 +94,13 @@ def holds(folder: Path, rec: dict[str, Any] | None, key: str, state: StateCache)
 def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
     """Copy files into folder: every file to a temp name first (checked), then all renamed into place, build.json
     last. A failure (disk full, a corrupt source) leaves the previous build's files as they were."""
-    import tempfile
-
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, str]] = []
     try:
         for name, want in files.items():
             dst = folder / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+            fd, tmp = _temp_beside(dst)  # mode from the umask, not mkstemp's 0600 (a team reads these outputs)
             os.close(fd)
             staged.append((tmp, name))
             shutil.copyfile(source / name, tmp)

@@ -78,6 +78,8 @@ def test_a_childs_module_globals_do_not_reach_the_next_target(project: Path) -> 
     assert {t["status"] for t in data["targets"]} == {"built"}
     # the same two factories in one process do see each other's leftovers: the check above could fail
     sys.path.insert(0, str(project))
+    for m in [m for m in sys.modules if m == "models" or m.startswith("models.")]:
+        del sys.modules[m]  # another test's project may have left its own `models` package imported
     try:
         from models import stateful  # type: ignore[import-not-found]
 

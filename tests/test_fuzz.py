@@ -318,3 +318,45 @@ def test_mutated_archives_are_rejected_and_nothing_escapes(good_archive: tuple[b
     assert leftovers == [], leftovers  # no temp folders left on failure
     assert _tree(sentinel) == before
     assert not Path("/tmp/evil").exists() and not (arena.parent / "evil").exists()
+
+
+# --- aitune.lock --------------------------------------------------------------------------------------------------
+
+
+def _mutate_json(value, data):
+    """value with one node replaced by a hostile scalar or container, or one key dropped."""
+    if isinstance(value, dict) and value and data.draw(st.booleans()):
+        key = data.draw(st.sampled_from(sorted(value)))
+        if data.draw(st.booleans()):
+            return {k: v for k, v in value.items() if k != key}
+        return {**value, key: _mutate_json(value[key], data)}
+    if isinstance(value, list) and value and data.draw(st.booleans()):
+        i = data.draw(st.integers(0, len(value) - 1))
+        return value[:i] + [_mutate_json(value[i], data)] + value[i + 1:]
+    return data.draw(st.one_of(scalars, st.just({}), st.just([]), st.just(None), st.just({"key": 1}), st.just([[]])))
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_locks_are_one_line_errors(good_archive: tuple[bytes, Path], data) -> None:
+    root = good_archive[1]
+    lock = root / "aitune.lock"
+    original = lock.read_bytes()
+    try:
+        if data.draw(st.booleans()):  # structural: valid JSON, wrong shape
+            text = json.dumps(_mutate_json(json.loads(original), data)).encode()
+        else:  # bytes: flips and truncation
+            raw = bytearray(original)
+            for _ in range(data.draw(st.integers(1, 4))):
+                raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+            text = bytes(raw[: data.draw(st.integers(0, len(raw)))])
+        lock.write_bytes(text)
+        for cmd in (["status"], ["build", "--locked", "--dry-run"], ["build", "--dry-run"]):
+            code, out, _ = run_cli(root, *cmd)  # catch_exceptions=False: any traceback fails the test
+            assert code in (0, 1, 2), (cmd, out)
+            assert "Traceback" not in out
+            if code == 2:
+                assert out.startswith("aitune-build: error: aitune.lock"), (cmd, out)
+            STATS[f"lock exit {code}"] += 1
+    finally:
+        lock.write_bytes(original)

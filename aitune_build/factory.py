@@ -21,7 +21,7 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
     module_path, fn_name = spec.factory.split(":")
     torch.manual_seed(0)  # a factory without weights initialises randomly: the same way every time
     try:
-        fn = getattr(importlib.import_module(module_path), fn_name)
+        fn = getattr(_import_from(str(m.root), module_path), fn_name)
         module = fn(**spec.args)
     except Exception as e:
         traceback.print_exc()
@@ -38,6 +38,27 @@ def make_module(m: LoadedManifest, module_name: str, spec: ModuleSpec, device: s
                           f"path)): {type(e).__name__}: {str(e).strip()}") from None
     _check_forward(m, key, spec, module)
     return module.eval().to(device)
+
+
+def _import_from(root: str, dotted: str) -> Any:
+    """The project's module `dotted`, not a same-named one another project imported earlier in this process (two
+    projects with a `models` package, loaded one after the other: the second must not get the first's classes)."""
+    module = importlib.import_module(dotted)
+    if _under(module, root):
+        return module
+    top = dotted.split(".")[0]
+    for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+        del sys.modules[name]  # the other project's objects keep their module; only the name is freed
+    if root in sys.path:
+        sys.path.remove(root)
+    _add_to_path(root)  # ahead of the other project's folder
+    importlib.invalidate_caches()
+    return importlib.import_module(dotted)
+
+
+def _under(module: Any, root: str) -> bool:
+    file = getattr(module, "__file__", None)
+    return file is not None and os.path.realpath(file).startswith(os.path.realpath(root) + os.sep)
 
 
 def _add_to_path(root: str) -> None:

@@ -200,6 +200,11 @@ def test_sigkill_at_every_checkpoint_of_build_package_and_gc(tmp_path: Path, mon
             else:
                 good = None
             p = cli(root, *args, env={"AITUNE_KILL_AT": str(n)})
+            if p.returncode == 0 and n == len(reached) and reached[-1].endswith(" atomic-write"):
+                # the run's last write (the stat cache's state file) happens only when it changed: a state left by
+                # an earlier kill may not need it. Every point before it was killed; nothing to recover here.
+                no_traceback(p)
+                continue
             assert p.returncode == -9, (what, n, p.stdout + p.stderr)
             killed += 1
             points.add(f"{what}:{reached[n - 1].split(' ', 1)[1]}")

@@ -56,3 +56,31 @@ def test_backends_that_cast_the_module_get_a_copy() -> None:
 
     mutating = {k for k in BACKEND_KINDS if backend_for(k).mutates_module}
     assert mutating == {"torch_tensorrt_aot", "torch_tensorrt_jit"}  # both cast with module.to(dtype), in place
+
+
+def test_two_projects_with_one_package_name_each_get_their_own_module(tmp_path) -> None:
+    """A process that loads two projects' factories (a serving process, a test run) must not hand the second
+    project the first one's `models` package, which the import cache still holds."""
+    import sys
+
+    from aitune_build.factory import make_module
+    from aitune_build.manifest import load_manifest
+
+    from .conftest import make_project
+
+    a, b = make_project(tmp_path / "a"), make_project(tmp_path / "b")
+    (b / "models/adder.py").write_text((b / "models/adder.py").read_text().replace("return x + y", "return x + y + 1"))
+    try:
+        for root, extra in ((a, 0.0), (b, 1.0), (a, 0.0)):
+            m = load_manifest(root / "aitune.toml")
+            mod = make_module(m, "adder", m.model.modules["adder"], "cpu")
+            assert sys.modules[type(mod).__module__].__file__.startswith(str(root)), (root, type(mod).__module__)
+            import torch
+
+            assert mod(torch.zeros(2), torch.zeros(2)).tolist() == [extra, extra]
+    finally:
+        for n in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+            del sys.modules[n]
+        for root in (a, b):
+            while str(root) in sys.path:
+                sys.path.remove(str(root))

@@ -110,9 +110,9 @@ def entry_for(record: dict[str, Any], pin_artifact: bool = True) -> dict[str, An
     return entry
 
 
-def _tuned_keys(entry: dict[str, Any]) -> set[str]:
-    """The keys a tuned target's winners had on each device the lock pins (any of them is this target's key)."""
-    return {p["key"] for p in entry.get("tuned", {}).values()}
+def _pins(entry: dict[str, Any], key: str) -> bool:
+    """Whether a lock entry pins key: its own key, or, for a tuned target, its winner's key on any device it pins."""
+    return key == entry["key"] or key in {p["key"] for p in entry.get("tuned", {}).values()}
 
 
 def render(lock: dict[str, Any]) -> bytes:
@@ -222,7 +222,7 @@ def check_locked(project: Project, order: list[str]) -> dict[str, list[str]]:
                 problems[name] = [f"not in {name_}"]
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"] and key not in _tuned_keys(locked[name]):
+        if not _pins(locked[name], key):
             problems[name] = _diff(locked[name], comps) or [_SAME_INPUTS]
     return problems
 
@@ -257,7 +257,7 @@ def compare(project: Project, found: dict[str, Any]) -> dict[str, str]:
             out[name] = "not in lock"
             continue
         key, comps = _locked_key(project, name, locked)
-        if key != locked[name]["key"] and key not in _tuned_keys(locked[name]):
+        if not _pins(locked[name], key):
             diff = _diff(locked[name], comps) or [_SAME_INPUTS]
             out[name] = "differs: " + "; ".join(diff[:3]) + (" ..." if len(diff) > 3 else "")
     return out

@@ -94,6 +94,9 @@ class Runner:
         """Stop compiles in flight (Ctrl-C). Local workers get the terminal's SIGINT themselves."""
         return None
 
+    # The backend kinds of the targets not yet handed out (set by build()): a runner may prepare for them.
+    pending_kinds: Callable[[], set[str]] = staticmethod(lambda: set())
+
     def measuring_gpu(self) -> Any:
         """A context holding a GPU of this host for a tuned target's measurement (tune.py): the Gpu, or None."""
         from contextlib import nullcontext
@@ -149,10 +152,14 @@ class LocalRunner(Runner):
         if not backend.needs_gpu:
             started({})
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
+        from .workers import family_of
+
         with self._gpus().acquire() as gpu:  # given back however the worker ends
             started({"gpu": gpu.as_json()})
+            # Another target of this family still to come: the warm server may prepare a spare for this GPU.
+            more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
             outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices},
-                                  workers=workers, kind=backend.kind)
+                                  workers=workers, kind=backend.kind, more=more)
         return {**outcome, "gpu": gpu.as_json()}
 
     def cancel(self) -> None:  # Ctrl-C: kill the running workers now; their threads see a crash and store nothing
@@ -203,6 +210,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
     pending = list(order)
+    runner.pending_kinds = lambda: {man.backends[b].kind for n in list(pending)
+                                    for b in (man.targets[n].candidates or [man.targets[n].backend])}
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
@@ -448,7 +457,8 @@ def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]]
 
 
 def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path | None, log: Path,
-                env: dict[str, str] | None = None, workers: Workers | None = None, kind: str = "") -> dict[str, Any]:
+                env: dict[str, str] | None = None, workers: Workers | None = None, kind: str = "",
+                more: bool = False) -> dict[str, Any]:
     """One worker process for one target. env: variables set for it on top of ours (CUDA_VISIBLE_DEVICES pins the
     worker to the GPU it was lent). workers: the build's warm workers (a child forked from a server that imported
     torch already); without, a fresh `python -m aitune_build.worker` process."""
@@ -463,7 +473,7 @@ def _run_worker(project: Project, name: str, artifact_dir: Path, upstream: Path 
         "progress": str(progress_file(artifact_dir)),  # the phase protocol: the worker appends {"phase", "t"} lines
     }))
     try:
-        code = workers.run(job, log, kind, env or {}) if workers is not None else run_plain(job, log, env or {})
+        code = workers.run(job, log, kind, env or {}, more) if workers is not None else run_plain(job, log, env or {})
         outcome = json.loads(result.read_text()) if result.exists() else None
         if code != 0 or outcome is None:
             return {"ok": False, "error": "crash", "message": f"worker process {_describe_exit(code)}{_disk_note(artifact_dir, log)}"}

@@ -15,6 +15,11 @@ and the family's libraries (torch_tensorrt only for the Torch-TensorRT family) â
 - The server forgets nothing it must not: it reaps its children and reports their exit status; when the build
   process goes away (its socket closes) it kills its children and exits. `Workers.interrupt()` (Ctrl-C) kills the
   running children at once.
+- Spares (the Torch-TensorRT family): importing torch_tensorrt initialises CUDA, so the server cannot preload it
+  and each child pays its import (7â€“9 s on an H200 host). When more targets of the family are pending, the server
+  forks a *spare* for the GPU a job was given (same CUDA_VISIBLE_DEVICES): it imports the family's libraries while
+  that GPU's current target compiles, then waits for the GPU's next job. It compiles nothing until it has one, so a
+  GPU still runs one compile at a time; a spare left unused at the end is killed with the server.
 - Where fork is not available (not Linux, `AITUNE_WORKERS=subprocess`, or the server could not start), a worker is
   a fresh `python -m aitune_build.worker` process as before, and build.log says why.
 """
@@ -32,6 +37,8 @@ from typing import Any
 # What every worker imports besides its backends' `preload` (run_job's own modules).
 COMMON_PRELOAD = ("aitune_build.worker", "aitune_build.check", "aitune_build.inputs", "aitune_build.factory")
 ENV_MODE = "AITUNE_WORKERS"  # "subprocess": no fork server
+# Libraries a family's server must not import (they initialise CUDA) but a spare child imports ahead of its job.
+SPARE_IMPORTS = {"torch_tensorrt": ("torch_tensorrt",)}
 
 
 def family_of(kind: str) -> str:
@@ -84,9 +91,10 @@ class Workers:
         self._plain: set[Any] = set()  # running plain subprocesses and starting servers, for interrupt()
         self._interrupted = False
 
-    def run(self, job: Path, log: Path, kind: str, env: dict[str, str]) -> int:
+    def run(self, job: Path, log: Path, kind: str, env: dict[str, str], more: bool = False) -> int:
         """Run `python -m aitune_build.worker JOB` logic in a fresh process with ENV set on top of ours (before CUDA
-        starts: CUDA_VISIBLE_DEVICES); its stdout/stderr go to LOG (truncated). Returns the exit code."""
+        starts: CUDA_VISIBLE_DEVICES); its stdout/stderr go to LOG (truncated). Returns the exit code. more: other
+        targets of this family are pending, so a spare for ENV is worth forking (families with SPARE_IMPORTS)."""
         if self._interrupted:
             raise Interrupted()
         self.kinds.add(kind)
@@ -97,7 +105,7 @@ class Workers:
             with open(log, "wb") as f:
                 f.write(f"aitune-build: worker forked from the warm {server.family} server (pid {server.pid})\n".encode())
             try:
-                return server.run(job, log, env)
+                return server.run(job, log, env, spare=more and bool(server.late))
             except _ServerGone:
                 pass  # died under us (killed?): the job's result is missing, reported as a crash
             return _LOST
@@ -112,7 +120,8 @@ class Workers:
                 server.close()
                 server = None
             if server is None:
-                server = fork_unavailable() or _ForkServer.start(family, preload_for(self.kinds, family), self._track)
+                server = fork_unavailable() or _ForkServer.start(family, preload_for(self.kinds, family),
+                                                                 list(SPARE_IMPORTS.get(family, ())), self._track)
                 self._servers[family] = server
             return server
 
@@ -176,8 +185,8 @@ class _ServerGone(Exception):
 class _ForkServer:
     """Client side of one fork server: requests go out as JSON lines, a reader thread dispatches the replies."""
 
-    def __init__(self, family: str, proc: Any, sock: Any, reader: Any, ready: dict[str, Any]):
-        self.family, self.proc, self.sock, self.pid = family, proc, sock, proc.pid
+    def __init__(self, family: str, proc: Any, sock: Any, reader: Any, ready: dict[str, Any], late: list[str]):
+        self.family, self.proc, self.sock, self.pid, self.late = family, proc, sock, proc.pid, late
         self._file = reader
         self.import_seconds = ready.get("imports", 0.0)
         self._send_lock = threading.Lock()
@@ -189,8 +198,9 @@ class _ForkServer:
         self._reader.start()
 
     @classmethod
-    def start(cls, family: str, preload: list[str], track: Any) -> _ForkServer | str:
-        """A ready server, or why none could start (the reason is written to each build.log)."""
+    def start(cls, family: str, preload: list[str], late: list[str], track: Any) -> _ForkServer | str:
+        """A ready server, or why none could start (the reason is written to each build.log). late: what its spares
+        import ahead of their jobs."""
         import socket
         import subprocess
         import tempfile
@@ -198,7 +208,8 @@ class _ForkServer:
         ours, theirs = socket.socketpair()
         errors = tempfile.TemporaryFile()
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", str(theirs.fileno()), *preload],
+            args = [str(theirs.fileno()), *preload, *(["--late", *late] if late else [])]
+            proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", *args],
                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=errors,
                                     stderr=subprocess.STDOUT, env=worker_env())
         except OSError as e:
@@ -224,7 +235,7 @@ class _ForkServer:
             why = ready.get("refused") or " / ".join(tail) or f"exit code {proc.returncode}"
             return f"fork server for {family} unavailable: {why}"
         errors.close()
-        return cls(family, proc, ours, reader, ready)
+        return cls(family, proc, ours, reader, ready, late)
 
     def alive(self) -> bool:
         return not self._gone and self.proc.poll() is None
@@ -237,13 +248,13 @@ class _ForkServer:
             except OSError:
                 raise _ServerGone() from None
 
-    def run(self, job: Path, log: Path, env: dict[str, str]) -> int:
+    def run(self, job: Path, log: Path, env: dict[str, str], spare: bool = False) -> int:
         with self._cond:
             self._next += 1
             rid = self._next
             self._waiters[rid] = {}
         try:
-            self._send({"id": rid, "job": str(job), "log": str(log), "cwd": os.getcwd(), "env": env})
+            self._send({"id": rid, "job": str(job), "log": str(log), "cwd": os.getcwd(), "env": env, "spare": spare})
             with self._cond:
                 while "rc" not in self._waiters[rid] and not self._gone:
                     self._cond.wait()
@@ -321,7 +332,7 @@ def _cuda_initialised() -> bool:
         return False
 
 
-def serve(fd: int, preload: list[str]) -> int:
+def serve(fd: int, preload: list[str], late: list[str] = ()) -> int:
     import importlib
     import select
     import signal
@@ -353,23 +364,41 @@ def serve(fd: int, preload: list[str]) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, int] = {}  # pid -> request id
+    spares: dict[str, tuple[int, int]] = {}  # env (JSON) -> (pid, write end of its job pipe): idle, importing `late`
     send({"ready": True, "imports": imports, "modules": len(sys.modules), "pid": os.getpid()})
+
+    def drop_spare(pid: int) -> None:
+        for env_key, (spid, wfd) in list(spares.items()):
+            if spid == pid:
+                del spares[env_key]
+                os.close(wfd)
+
+    def kill_spares() -> None:
+        for spid, wfd in spares.values():
+            _kill(spid)
+            os.close(wfd)
+        spares.clear()
+
     buf = b""
     closing = False
-    while not closing or children:
+    reaping: set[int] = set()  # killed spares not yet reaped
+    while not closing or children or reaping:
         readable, _, _ = select.select([wake_r] + ([] if closing else [sock]), [], [], 1.0)
         if wake_r in readable:
             try:
                 os.read(wake_r, 4096)
             except BlockingIOError:
                 pass
-        while children:
+        while children or spares or reaping:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
+                reaping.clear()
                 break
             if pid == 0:
                 break
+            reaping.discard(pid)
+            drop_spare(pid)  # a spare that died before its job (its import crashed, a signal): forgotten
             rid = children.pop(pid, None)
             if rid is not None and not closing:
                 try:
@@ -383,6 +412,8 @@ def serve(fd: int, preload: list[str]) -> int:
             closing = True
             for pid in children:
                 _kill(pid)
+            reaping.update(pid for pid, _ in spares.values())
+            kill_spares()
             continue
         buf += data
         while b"\n" in buf:
@@ -391,12 +422,34 @@ def serve(fd: int, preload: list[str]) -> int:
             if req.get("kill"):
                 for pid in children:
                     _kill(pid)
+                reaping.update(pid for pid, _ in spares.values())
+                kill_spares()
                 continue
-            pid = os.fork()
-            if pid == 0:
-                os._exit(_child(req, sock, wake_r, wake_w))
+            env_key = json.dumps(req.get("env") or {}, sort_keys=True)
+            spare = spares.pop(env_key, None)
+            pid = -1
+            if spare is not None:  # a spare for this GPU has imported `late` already: the job goes down its pipe
+                pid, wfd = spare
+                try:
+                    os.write(wfd, (json.dumps(req) + "\n").encode())
+                except OSError:
+                    pid = -1  # it died meanwhile (reaped above or soon): fork as usual
+                os.close(wfd)
+            if pid == -1:
+                pid = os.fork()
+                if pid == 0:
+                    os._exit(_child(req, None, sock, wake_r, wake_w, *(w for _, w in spares.values())))
             children[pid] = req["id"]
             send({"id": req["id"], "pid": pid})
+            if req.get("spare") and late and env_key not in spares:
+                r, w = os.pipe()
+                spid = os.fork()
+                if spid == 0:
+                    os.close(w)
+                    os._exit(_spare(req.get("env") or {}, late, r, sock, wake_r, wake_w,
+                                    *(w2 for _, w2 in spares.values())))
+                os.close(r)
+                spares[env_key] = (spid, w)
     return 0
 
 
@@ -409,19 +462,65 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _child(req: dict[str, Any], sock: Any, *fds: int) -> int:
-    """In the forked child: undo the server's settings, send fd 1/2 to the target's log, run the job."""
+def _detach(sock: Any, fds: tuple[int, ...]) -> None:
+    """In a forked process: undo the server's signal settings and close its sockets and pipes."""
     import signal
+
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sock.close()
+    for fd in fds:
+        os.close(fd)
+
+
+def _spare(env: dict[str, str], late: list[str], jobs: int, sock: Any, *fds: int) -> int:
+    """A child forked ahead of its job: set the GPU's environment, import LATE (output kept in a temp file, copied
+    into the job's log), then wait for one job on the pipe JOBS and run it as `_child` does. EOF: no job, exit."""
+    import importlib
+    import tempfile
+
+    try:
+        _detach(sock, fds)
+        os.environ.update(env)  # before the imports start CUDA (CUDA_VISIBLE_DEVICES)
+        out = tempfile.TemporaryFile()
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+        t0 = time.perf_counter()
+        failed = None
+        for name in late:
+            try:
+                importlib.import_module(name)
+            except BaseException as e:  # noqa: BLE001  (the job imports it again and reports)
+                failed = f"{name}: {type(e).__name__}: {e}"
+                break
+        took = time.perf_counter() - t0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        with os.fdopen(jobs, "rb") as pipe:
+            line = pipe.readline()
+        if not line:
+            return 0
+        req = json.loads(line)
+        out.seek(0)
+        early = out.read()
+        note = (f"aitune-build: spare worker: {', '.join(late)} imported ahead of this job in {took:.1f} s\n"
+                if failed is None else f"aitune-build: spare worker: importing ahead failed ({failed})\n")
+        with open(req["log"], "ab") as logf:
+            logf.write(note.encode() + early)
+    except BaseException:
+        return 1
+    return _child(req, time.time())
+
+
+def _child(req: dict[str, Any], started: float | None, sock: Any = None, *fds: int) -> int:
+    """In the forked child (or a spare given its job): send fd 1/2 to the target's log, run the job."""
     import traceback
 
-    started = time.time()
+    started = started or time.time()
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        sock.close()
-        for fd in fds:
-            os.close(fd)
+        if sock is not None:
+            _detach(sock, fds)
         log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
@@ -442,5 +541,14 @@ def _child(req: dict[str, Any], sock: Any, *fds: int) -> int:
     return rc
 
 
+def _main(argv: list[str]) -> int:
+    fd, rest = int(argv[0]), argv[1:]
+    late: list[str] = []
+    if "--late" in rest:
+        i = rest.index("--late")
+        rest, late = rest[:i], rest[i + 1:]
+    return serve(fd, rest, late)
+
+
 if __name__ == "__main__":
-    sys.exit(serve(int(sys.argv[1]), sys.argv[2:]))
+    sys.exit(_main(sys.argv[1:]))

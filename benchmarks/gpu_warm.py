@@ -309,6 +309,8 @@ def main() -> None:
                 if out.returncode != 0:
                     raise RuntimeError(out.stderr[-2000:])
                 got[variant].append(float(out.stdout.split()[-1]))
+                if "warm start failed" in out.stderr:  # load() fell back to a cold compile: say so beside the time
+                    got.setdefault("warm_start_failed", []).append({variant: out.stderr[-1500:]})
                 shutil.rmtree(ind, ignore_errors=True)
         shutil.rmtree(folder)
         shutil.copytree(saved, folder)

@@ -69,3 +69,26 @@ def test_inductor_jit_stores_compile_caches_and_load_restores_them(project: Path
     cache.unlink()  # without the stored caches the same fresh process compiles from scratch: the check above can fail
     cold = first_call_counters(project, tmp_path, "cold")
     assert cold["inductor"].get("fxgraph_cache_hit", 0) == 0 and cold["inductor"].get("fxgraph_cache_miss", 0) >= 1, cold
+
+
+DYNAMIC = JIT.replace('[4, 8]', '[{ dim = "batch", min = 1, opt = 4, max = 8 }, 8]')
+FIRST_CALL_AT = FIRST_CALL.replace("torch.randn(4, 8)", "torch.randn(int(sys.argv[2]), 8)")
+
+
+@pytest.mark.slow
+def test_a_dynamic_jit_target_starts_warm_whatever_batch_comes_first(project: Path, tmp_path: Path) -> None:
+    """The build's check calls min, opt, max; an application's first call has whatever batch it has. Dynamo compiles
+    a first call statically unless its dynamic axes are marked, which made a fresh process's first call at batch 6
+    miss the stored graphs (compiled for batch 1 and for a dynamic batch)."""
+    (project / "models/small.py").write_text(SMALL)
+    (project / "aitune.toml").write_text((project / "aitune.toml").read_text() + DYNAMIC)
+    code, out, _ = run_cli(project, "build", "--json", "small_jit")
+    assert code == 0, out
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for batch in ("6", "1"):
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / f"inductor-{batch}")
+        got = subprocess.run([sys.executable, "-c", FIRST_CALL_AT, str(project / "aitune.toml"), batch], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert got.returncode == 0, got.stderr[-3000:]
+        counters = json.loads(got.stdout.strip().splitlines()[-1])["inductor"]
+        assert counters.get("fxgraph_cache_hit", 0) >= 1 and counters.get("fxgraph_cache_miss", 0) == 0, (batch, counters)

@@ -135,9 +135,11 @@ def test_run_serves_torch_tensorrt_into_an_unmodified_script(tmp_path: Path, ser
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep torch_tensorrt's site
     proc = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(project), "run", "--debug", str(debug), "--",
                            sys.executable, "app.py", str(result)], cwd=project, env=env, capture_output=True, text=True, timeout=900)
+    print(proc.stderr)  # pytest -rA shows it: what the hook and torch_tensorrt said
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(debug.read_text())["targets"][target]
     assert stats["served_calls"] == 3 and stats["eager_calls"] == 0, (stats, proc.stderr)
+    assert "warm start failed" not in proc.stderr, proc.stderr  # the JIT target started from its stored caches
     sys.path.insert(0, str(project))
     try:
         import importlib

@@ -160,13 +160,53 @@ def test_ctrl_c_stops_the_build_promptly_kills_the_worker_and_stores_nothing(pro
             proc.wait()
 
 
+def _server_children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def test_a_spare_imports_ahead_for_its_environment_only_and_dies_with_the_server(tmp_path: Path) -> None:
+    """The server's protocol with real processes: a job sent with spare=True leaves a spare for its environment;
+    the next job with that environment runs in it (its log says what was imported ahead), a job with another
+    environment is forked fresh, and an unused spare does not outlive the server. The jobs themselves are files
+    that do not exist: each child fails at once, which is what makes this test fast."""
+    from aitune_build.workers import _ForkServer
+
+    server = _ForkServer.start("test", ["json"], ["decimal"], lambda *_: None)
+    assert isinstance(server, _ForkServer), server
+    try:
+        logs = [tmp_path / f"{i}.log" for i in range(4)]
+        gpu0, gpu1 = {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}
+        rcs = [server.run(tmp_path / "missing.json", logs[0], gpu0, spare=True)]
+        time.sleep(0.5)  # the spare imports meanwhile (a real build's current target compiles meanwhile)
+        rcs.append(server.run(tmp_path / "missing.json", logs[1], gpu0, spare=True))
+        rcs.append(server.run(tmp_path / "missing.json", logs[2], gpu1, spare=False))
+        assert rcs == [1, 1, 1]  # each job failed in its own process, and the server told us
+        texts = [p.read_text() for p in logs[:3]]
+        assert "spare worker" not in texts[0] and "FileNotFoundError" in texts[0]
+        assert texts[1].startswith("aitune-build: spare worker: decimal imported ahead of this job"), texts[1]
+        assert "FileNotFoundError" in texts[1]
+        assert "spare worker" not in texts[2]  # no spare for GPU 1, and GPU 0's spare is not GPU 1's
+        deadline = time.time() + 10
+        while not (spares := _server_children(server.pid)) and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(spares) == 1, spares  # the second GPU-0 job asked for another spare; it waits, idle
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+    for pid in spares:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_targets_build_in_children_of_warm_servers_per_family(gpu_project: Path) -> None:  # noqa: F811
     """export on cuda from the torch server, Torch-TensorRT from its own server (the only one importing
     torch_tensorrt); CUDA starts in the children only (the server refuses otherwise, and the log would say so)."""
     names = ["cnn_export", "cnn_aot32", "cnn_jit16"]
-    code, out, data = run_cli(gpu_project, "build", "-k", "--json", *names)
+    code, out, data = run_cli(gpu_project, "build", "-k", "--json", "--gpus", "0", *names)  # one GPU: one after another
     assert code == 0, out
     first = {n: (gpu_project / "build" / n / "build.log").read_text().splitlines()[0] for n in names}
     assert first["cnn_export"].startswith("aitune-build: worker forked from the warm torch server"), first
@@ -176,3 +216,9 @@ def test_gpu_targets_build_in_children_of_warm_servers_per_family(gpu_project: P
     assert isinstance(rec["record"].get("compile_cache"), (dict, str)), rec["record"]
     timings = json.loads((gpu_project / "build/cnn_aot32/build.json").read_text())["timings"]
     assert {"export", "compile", "save", "imports", "worker_start"} <= set(timings), timings
+    # The later Torch-TensorRT target ran in a spare that imported torch_tensorrt while the first one compiled
+    logs = {n: (gpu_project / "build" / n / "build.log").read_text().splitlines()[1] for n in ("cnn_aot32", "cnn_jit16")}
+    ahead = [n for n, line in logs.items() if line.startswith("aitune-build: spare worker: torch_tensorrt imported ahead")]
+    assert len(ahead) == 1, logs
+    later = json.loads((gpu_project / "build" / ahead[0] / "build.json").read_text())["timings"]
+    assert later["imports"] < 1.0, later

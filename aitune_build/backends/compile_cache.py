@@ -120,3 +120,30 @@ class NoGradCall:
 
         with torch.no_grad():
             return self.fn(**inputs)
+
+
+class MarkDynamic:
+    """Calls a torch.compile'd module with the declared dynamic axes of its inputs marked dynamic
+    (`torch._dynamo.maybe_mark_dynamic`, on a view: the caller's tensor keeps no mark). Without this, Dynamo
+    compiles the first call's shapes statically and goes dynamic only at the second shape, so which graphs exist —
+    and whether the compile caches stored by the build (whose check calls min, opt, max) match the first call of
+    another process — would depend on the order of the shapes the application happens to call with."""
+
+    def __init__(self, fn: Any, inputs: Any):
+        self.fn = fn
+        self.axes = {s.name: [i for i, d in enumerate(s.shape) if not isinstance(d, int)] for s in inputs if s.is_dynamic}
+
+    def __call__(self, **inputs: Any) -> Any:
+        if self.axes:
+            import torch
+
+            mark = torch._dynamo.maybe_mark_dynamic
+            for name, axes in self.axes.items():
+                t = inputs.get(name)
+                if isinstance(t, torch.Tensor):
+                    t = t.view(t.shape)
+                    for i in axes:
+                        if i < t.dim():
+                            mark(t, i)
+                    inputs[name] = t
+        return self.fn(**inputs)

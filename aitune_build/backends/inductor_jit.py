@@ -15,7 +15,7 @@ class InductorJitBackend(Backend):
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx")
-    revision = 2  # 2: PyTorch's compile caches stored with the record
+    revision = 3  # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic)
 
     def _compile(self, ctx: BuildContext):
         import torch
@@ -35,4 +35,4 @@ class InductorJitBackend(Backend):
 
     def load(self, ctx: BuildContext):
         compile_cache.restore(ctx.artifact_dir)
-        return compile_cache.NoGradCall(self._compile(ctx))
+        return compile_cache.NoGradCall(compile_cache.MarkDynamic(self._compile(ctx), ctx.inputs))

@@ -19,7 +19,7 @@ class TorchTensorRTJitBackend(Backend):
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd")  # not torch_tensorrt: see torch_tensorrt_aot
-    revision = 2  # 2: PyTorch's compile caches stored with the record
+    revision = 3  # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic)
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
 
@@ -42,20 +42,26 @@ class TorchTensorRTJitBackend(Backend):
     def load(self, ctx: BuildContext):
         import torch
 
-        compile_cache.restore(ctx.artifact_dir)
+        restored = compile_cache.restore(ctx.artifact_dir)
         settings, plan, _ = trt.prepare(ctx, self.config)
         module = ctx.source_module()
         if plan.cast:
             module = module.to(getattr(torch, plan.cast))
-        options = dict(settings)
-        if self.config.engine_cache:
-            # The engine cache only works with mutable weights; its key has no TensorRT or GPU version, which is
-            # why it lives inside this target's output, whose key has both.
-            options.update(immutable_weights=False, cache_built_engines=True, reuse_cached_engines=True,
-                           engine_cache_dir=str(ctx.artifact_dir / ENGINE_CACHE))
-        compiled = torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
+
+        def compiled(warm: bool) -> Any:
+            options = dict(settings)
+            if self.config.engine_cache:
+                # The engine cache only works with mutable weights; its key has no TensorRT or GPU version, which
+                # is why it lives inside this target's output, whose key has both.
+                options.update(immutable_weights=False, cache_built_engines=warm, reuse_cached_engines=warm,
+                               engine_cache_dir=str(ctx.artifact_dir / ENGINE_CACHE))
+            if not warm:
+                torch._dynamo.reset()  # forget the graphs (and restored caches' guards) of the warm attempt
+            return torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
                                  dynamic=self.config.dynamic_shapes, options=options)
-        fn = compile_cache.NoGradCall(trt.CastingCall(compiled, plan.cast))
+
+        warm = _ColdOnFailure(compiled, bool(restored) or self.config.engine_cache)
+        fn = compile_cache.NoGradCall(trt.CastingCall(compile_cache.MarkDynamic(warm, ctx.inputs), plan.cast))
         if self.config.autocast_enabled and self.config.autocast_dtype:
             dtype = getattr(torch, self.config.autocast_dtype)
 
@@ -65,3 +71,32 @@ class TorchTensorRTJitBackend(Backend):
 
             return autocast_call
         return fn
+
+
+class _ColdOnFailure:
+    """The compiled module, started warm (engine cache and compile caches reused). Should its first call fail with
+    those caches — a cached engine that does not refit on this TensorRT, a restored graph torch cannot use — it is
+    compiled again without them, once, with a warning: a warm start is an optimisation, never a reason to fail."""
+
+    def __init__(self, make: Any, warm: bool):
+        self.make, self.warm = make, warm
+        self.fn = make(warm)
+        self.first = True
+
+    def __call__(self, **inputs: Any) -> Any:
+        if not self.first:
+            return self.fn(**inputs)
+        try:
+            out = self.fn(**inputs)
+        except Exception as e:  # noqa: BLE001
+            if not self.warm:
+                raise
+            import sys
+
+            first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith(":")), "")
+            sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({type(e).__name__}: {first[:300]}); "
+                             "compiling without the stored caches\n")
+            self.fn = self.make(False)
+            out = self.fn(**inputs)
+        self.first = False
+        return out

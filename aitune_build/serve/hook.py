@@ -61,6 +61,7 @@ class ServedTarget:
         self.out_dtype: Any = None  # what the eager module returns for floating outputs (see _uncast)
         self.fn: Any = None
         self.status = "patched"  # patched | serving | failed | skipped
+        self.error: str | None = None  # the traceback of what made it fail (debug record only)
         self.served_calls = 0
         self.eager_calls = 0
         self.eager_reasons: dict[str, int] = {}
@@ -131,17 +132,24 @@ class ServedTarget:
                     self.fn = getattr(loaded, "fn", loaded)  # the backend's callable: inputs are bound by name here
                     self.status = "serving"
                 except Exception as e:  # noqa: BLE001
-                    self.fail(f"cannot load the artifact ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+                    self.fail(f"cannot load the artifact ({_summary(e)})", e)
         return self.fn is not None
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, error: BaseException | None = None) -> None:
+        import traceback
+
         self.status = "failed"
         self.fn = None
+        if error is not None:  # the whole story for the debug record (AITUNE_SERVE_DEBUG); the warning stays short
+            self.error = "".join(traceback.format_exception(error))[-20_000:]
         self.warn_once("failed", f"{why}; {self.qualname} runs eager from now on")
 
     def debug(self) -> dict[str, Any]:
-        return {"status": self.status, "class": self.qualname, "served_calls": self.served_calls,
-                "eager_calls": self.eager_calls, "eager_reasons": dict(self.eager_reasons)}
+        found = {"status": self.status, "class": self.qualname, "served_calls": self.served_calls,
+                 "eager_calls": self.eager_calls, "eager_reasons": dict(self.eager_reasons)}
+        if self.error:
+            found["error"] = self.error
+        return found
 
 
 def _in_worker() -> bool:
@@ -364,7 +372,7 @@ class ServedForward:
         try:
             out = target.fn(**inputs)
         except Exception as e:  # noqa: BLE001
-            target.fail(f"the artifact raised {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            target.fail(f"the artifact raised {_summary(e)}", e)
             return original(module, *args, **kwargs)
         finally:
             _inside.active = False
@@ -402,6 +410,16 @@ class _Unmatched:
         for t in self.targets:
             t.eager_calls += 1
             t.eager_reasons[self.kind] = t.eager_reasons.get(self.kind, 0) + 1
+
+
+def _summary(e: BaseException) -> str:
+    """The exception's type and its first lines that say something (torch's BackendCompilerFailed puts the cause on
+    its second line: "backend='torch_tensorrt' raised:" then the real error)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text += " " + lines[1]
+    return f"{type(e).__name__}: {text[:500]}"
 
 
 def _uncast(out: Any, dtype: Any) -> Any:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One GPU session's work, in phases that each fit one 10-minute command of the device tool (see
+# ../shared/gpu/README.md for installing torch-tensorrt-rtx first). Results and logs go to $OUT (default ./gpu-out).
+#
+#   bash benchmarks/gpu_session.sh tests      # GPU 0: pytest -m gpu (one-GPU tests) | GPU 1: tuning benchmark
+#   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
+#   bash benchmarks/gpu_session.sh warm       # GPU 0: benchmarks/gpu_warm.py       | GPU 1: benchmarks/gpu_serve.py
+#
+# Where two things share a phase they run on different GPUs at the same time (the host has 16-32 cores); the
+# benchmarks interleave their own baselines, so a busy neighbour hits both sides of each ratio.
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+stamp() { date -u +%H:%M:%S; }
+
+case "${1:-}" in
+tests)
+  (CUDA_VISIBLE_DEVICES=0 timeout 540 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
+      tests/test_workers.py tests/test_serve_gpu.py tests/test_tuning_gpu.py >"$OUT/gpu-tests.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 540 $py benchmarks/tuning.py --device cuda --model cnn --model encoder \
+      --repeats 10 --ref-seconds 5 --budget-s 330 --out "$OUT/tuning-gpu.json" >"$OUT/tuning-gpu.log" 2>&1
+   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu.log") &
+  wait
+  ;;
+multi)
+  timeout 420 $py benchmarks/gpu_multi.py --budget-s 330 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
+  echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi.log"
+  timeout 150 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpus.py >"$OUT/gpu-tests-2gpu.log" 2>&1
+  echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-2gpu.log"
+  ;;
+warm)
+  (CUDA_VISIBLE_DEVICES=0 timeout 560 $py benchmarks/gpu_warm.py --out "$OUT/gpu-warm.json" >"$OUT/gpu-warm.log" 2>&1
+   echo "gpu_warm exit $? at $(stamp)" >>"$OUT/gpu-warm.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 560 $py benchmarks/gpu_serve.py --phase all --repeats 3 --compiled-repeats 2 \
+      --blocks 20 --out "$OUT/gpu-serve.json" >"$OUT/gpu-serve.log" 2>&1
+   echo "gpu_serve exit $? at $(stamp)" >>"$OUT/gpu-serve.log") &
+  wait
+  ;;
+*)
+  echo "usage: bash benchmarks/gpu_session.sh tests|multi|warm" >&2
+  exit 2
+  ;;
+esac
+$py - "$OUT" <<'EOF' || true
+import json, subprocess, sys
+try:
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True).stdout.strip().splitlines()
+except OSError:
+    smi = []
+import torch
+try:
+    import torch_tensorrt
+    trt = torch_tensorrt.__version__
+except Exception as e:
+    trt = f"not importable: {e}"
+json.dump({"gpus": smi, "torch": torch.__version__, "torch_tensorrt": trt, "python": sys.version.split()[0]},
+          open(f"{sys.argv[1]}/machine.json", "w"), indent=1)
+EOF
+ls -la "$OUT"
+tail -n 3 "$OUT"/*.log

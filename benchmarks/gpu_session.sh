@@ -17,24 +17,24 @@ stamp() { date -u +%H:%M:%S; }
 
 case "${1:-}" in
 tests)
-  (CUDA_VISIBLE_DEVICES=0 timeout 540 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
+  (CUDA_VISIBLE_DEVICES=0 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
       tests/test_workers.py tests/test_serve_gpu.py tests/test_tuning_gpu.py >"$OUT/gpu-tests.log" 2>&1
    echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests.log") &
-  (CUDA_VISIBLE_DEVICES=1 timeout 540 $py benchmarks/tuning.py --device cuda --model cnn --model encoder \
-      --repeats 10 --ref-seconds 5 --budget-s 330 --out "$OUT/tuning-gpu.json" >"$OUT/tuning-gpu.log" 2>&1
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/tuning.py --device cuda --model cnn --model encoder \
+      --repeats 10 --ref-seconds 5 --budget-s 300 --out "$OUT/tuning-gpu.json" >"$OUT/tuning-gpu.log" 2>&1
    echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu.log") &
   wait
   ;;
 multi)
-  timeout 420 $py benchmarks/gpu_multi.py --budget-s 330 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
+  timeout 330 $py benchmarks/gpu_multi.py --budget-s 250 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
   echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi.log"
-  timeout 150 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpus.py >"$OUT/gpu-tests-2gpu.log" 2>&1
+  timeout 110 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpus.py >"$OUT/gpu-tests-2gpu.log" 2>&1
   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-2gpu.log"
   ;;
 warm)
-  (CUDA_VISIBLE_DEVICES=0 timeout 560 $py benchmarks/gpu_warm.py --out "$OUT/gpu-warm.json" >"$OUT/gpu-warm.log" 2>&1
+  (CUDA_VISIBLE_DEVICES=0 timeout 480 $py benchmarks/gpu_warm.py --out "$OUT/gpu-warm.json" >"$OUT/gpu-warm.log" 2>&1
    echo "gpu_warm exit $? at $(stamp)" >>"$OUT/gpu-warm.log") &
-  (CUDA_VISIBLE_DEVICES=1 timeout 560 $py benchmarks/gpu_serve.py --phase all --repeats 3 --compiled-repeats 2 \
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/gpu_serve.py --phase all --repeats 3 --compiled-repeats 2 \
       --blocks 20 --out "$OUT/gpu-serve.json" >"$OUT/gpu-serve.log" 2>&1
    echo "gpu_serve exit $? at $(stamp)" >>"$OUT/gpu-serve.log") &
   wait

@@ -3,6 +3,7 @@
 # ../shared/gpu/README.md for installing torch-tensorrt-rtx first). Results and logs go to $OUT (default ./gpu-out).
 #
 #   bash benchmarks/gpu_session.sh tests      # GPU 0: pytest -m gpu (one-GPU tests) | GPU 1: tuning benchmark
+#   bash benchmarks/gpu_session.sh retest     # GPU 0: the failed GPU tests again    | GPU 1: tuning benchmark
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
 #   bash benchmarks/gpu_session.sh warm       # GPU 0: benchmarks/gpu_warm.py       | GPU 1: benchmarks/gpu_serve.py
 #
@@ -25,6 +26,15 @@ tests)
    echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu.log") &
   wait
   ;;
+retest)  # the GPU tests that failed in a `tests` phase, and the tuning benchmark beside them
+  (CUDA_VISIBLE_DEVICES=0 timeout 400 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_serve_gpu.py \
+      tests/test_workers.py "tests/test_tensorrt.py::test_gpu_backends_end_to_end" >"$OUT/gpu-retests.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-retests.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 400 $py benchmarks/tuning.py --device cuda --model cnn --model encoder \
+      --repeats 10 --ref-seconds 5 --budget-s 250 --out "$OUT/tuning-gpu.json" >"$OUT/tuning-gpu.log" 2>&1
+   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu.log") &
+  wait
+  ;;
 multi)
   timeout 330 $py benchmarks/gpu_multi.py --budget-s 250 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
   echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi.log"
@@ -40,7 +50,7 @@ warm)
   wait
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|multi|warm" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|retest|multi|warm" >&2
   exit 2
   ;;
 esac

@@ -128,7 +128,7 @@ def independent(root: Path, backends: list[str], cap_s: float) -> dict:
                "baselines": [], "strategy": "min_latency", "budget_ms": None, "min_speedup": None, "settings": settings,
                "result": str(Path(tmp) / "result.json")}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
         subprocess.run([sys.executable, "-m", "aitune_build.tune", str(Path(tmp) / "job.json")], check=True, env=env,
                        stdout=subprocess.DEVNULL)
         return json.loads((Path(tmp) / "result.json").read_text())

@@ -52,7 +52,15 @@ class BuildContext:
             import torch
 
             return torch.export.load(str(self.upstream)).module()
-        return self.make_module()
+        module = self.make_module()
+        served = getattr(getattr(type(module), "forward", None), "__aitune_served__", None)
+        if served is not None:
+            # Loading for the serving hook (serve/hook.py), which replaced the class's forward: a JIT backend must
+            # trace the application's own forward, not the hook's (*args, **kwargs) wrapper around it.
+            import types
+
+            module.forward = types.MethodType(served.original, module)
+        return module
 
 
 class Backend:

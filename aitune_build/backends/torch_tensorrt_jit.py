@@ -19,7 +19,7 @@ class TorchTensorRTJitBackend(Backend):
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd")  # not torch_tensorrt: see torch_tensorrt_aot
-    revision = 3  # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic)
+    revision = 2  # 2: PyTorch's compile caches stored with the record
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
 
@@ -61,7 +61,9 @@ class TorchTensorRTJitBackend(Backend):
                                  dynamic=self.config.dynamic_shapes, options=options)
 
         warm = _ColdOnFailure(compiled, bool(restored) or self.config.engine_cache)
-        fn = compile_cache.NoGradCall(trt.CastingCall(compile_cache.MarkDynamic(warm, ctx.inputs), plan.cast))
+        # No MarkDynamic here: torch_tensorrt names a dynamic input by its Dynamo source's local_name, which inputs
+        # marked outside the compiled frame (DictGetItemSource) lack; dynamic_shapes decides instead.
+        fn = compile_cache.NoGradCall(trt.CastingCall(warm, plan.cast))
         if self.config.autocast_enabled and self.config.autocast_dtype:
             dtype = getattr(torch, self.config.autocast_dtype)
 

@@ -13,65 +13,26 @@ import ast
 import json
 import sys
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from .errors import ManifestError, did_you_mean
-from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_MAX, NAME_RE  # noqa: F401  (re-exported)
+from .spec import Spec, to_json  # noqa: F401  (re-exported)
+from .vocabulary import DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_MAX, NAME_RE, backend_registry  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from .backends import BackendConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-# A validated manifest is remembered by the digest of its bytes and of the code that validates it.
-_VALIDATOR_FILES = (Path(__file__).with_name("schema.py"), Path(__file__).with_name("vocabulary.py"), Path(__file__))
-
-
-class Spec:
-    """A frozen value: its fields are the class's annotations (its bases' first), each set once, by keyword.
-
-    Not a dataclass: a no-op build imports every spec class, and @dataclass costs about 1 ms a class at import
-    (it compiles each generated method), more than the keys of a hundred targets take to compute."""
-
-    fields: ClassVar[tuple[str, ...]] = ()
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.fields = cls.fields + tuple(n for n in cls.__dict__.get("__annotations__", {}) if n not in cls.fields)
-
-    def __init__(self, **values: Any) -> None:
-        if values.keys() != set(self.fields):
-            missing, extra = sorted(set(self.fields) - values.keys()), sorted(values.keys() - set(self.fields))
-            raise TypeError(f"{type(self).__name__}: missing fields {missing}, unexpected fields {extra}")
-        for name in self.fields:
-            object.__setattr__(self, name, values[name])
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen")
-
-    def __delattr__(self, name: str) -> None:
-        raise AttributeError(f"{type(self).__name__} is frozen")
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and all(getattr(self, f) == getattr(other, f) for f in self.fields)
-
-    __hash__ = None  # type: ignore[assignment]  # dict-valued fields: not hashable
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self.fields)})"
-
-
-def to_json(obj: Any) -> Any:
-    """A spec as plain JSON values (what pydantic's model_dump(mode="json") gave for it): key components use this."""
-    if isinstance(obj, Spec):
-        return {f: to_json(getattr(obj, f)) for f in obj.fields}
-    if isinstance(obj, (list, tuple)):
-        return [to_json(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_json(v) for k, v in obj.items()}
-    return obj
+# A validated manifest is remembered by the digest of its bytes and of the code that validates it: these files, every
+# file of the backends package (each backend declares its config there) and the module of each other registered kind.
+_VALIDATOR_FILES = tuple(Path(__file__).with_name(n) for n in ("schema.py", "vocabulary.py", "spec.py", "manifest.py"))
+_BACKENDS_DIR = Path(__file__).with_name("backends")
 
 
 class ProjectSettings(Spec):
@@ -124,75 +85,11 @@ class ModuleSpec(Spec):
                    inputs=tuple(InputSpec.from_json(i) for i in d["inputs"]))
 
 
-class BackendConfig(Protocol):
-    """What every [backends.X] table has; each kind's Spec class adds its own fields (see schema.py)."""
-
-    kind: str
-    device: str
-
-    @property
-    def precision(self) -> str: ...
-
-
-class _Backend(Spec):
-    kind: str
-    device: str
-
-    @property
-    def precision(self) -> str:
-        return "float32"
-
-
-class ExportConfig(_Backend):
-    strict: bool
-
-
-class InductorAotConfig(_Backend):
-    inductor_configs: dict[str, Any]
-
-
-class InductorJitConfig(_Backend):
-    mode: str | None
-    fullgraph: bool
-    dynamic_shapes: bool | None
-    options: dict[str, Any]
-
-
-class EagerConfig(_Backend):
-    pass
-
-
-class _TorchTensorRT(_Backend):
-    compile_config: dict[str, Any]
-    autocast_enabled: bool
-    autocast_dtype: str | None
-
-    @property
-    def precision(self) -> str:
-        if self.autocast_enabled and self.autocast_dtype:
-            return self.autocast_dtype
-        wanted = {str(p).removeprefix("torch.") for p in self.compile_config.get("enabled_precisions", [])}
-        for name, aliases in (("float16", {"float16", "half", "fp16"}), ("bfloat16", {"bfloat16", "bf16"})):
-            if wanted & aliases:
-                return name
-        return "float32"
-
-
-class TorchTensorRTJitConfig(_TorchTensorRT):
-    fullgraph: bool
-    dynamic_shapes: bool | None
-    engine_cache: bool
-
-
-class TorchTensorRTAotConfig(_TorchTensorRT):
-    output_format: str
-
-
-def config_class(kind: str) -> type:
-    """The frozen config class of a backend kind, as its backend class names it."""
+def config_class(kind: str) -> type[BackendConfig]:
+    """The frozen config class of a backend kind, declared beside its backend."""
     from .backends import backend_for
 
-    return globals()[backend_for(kind).config_class]
+    return backend_for(kind).config_class
 
 
 def backend_config(d: dict[str, Any]) -> BackendConfig:
@@ -350,11 +247,32 @@ def validate(data: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def validation_digest(raw: bytes) -> str:
-    """What a validated manifest is remembered by: its bytes and the code that validates them."""
+    """What a validated manifest is remembered by: its bytes, the registered kinds and the code that validates them."""
+    registry = backend_registry()
     h = xxhash.xxh3_128(raw)
-    for f in _VALIDATOR_FILES:
+    h.update(json.dumps(registry, sort_keys=True).encode())
+    for f in (*_VALIDATOR_FILES, *sorted(_BACKENDS_DIR.glob("*.py")), *_plugin_files(registry)):
         h.update(b"\0" + f.read_bytes())
     return h.hexdigest()
+
+
+def _plugin_files(registry: dict[str, str]) -> list[Path]:
+    """The files of registered backend modules outside the backends package, found without importing them."""
+    import importlib.util
+
+    found = []
+    for where in registry.values():
+        module = where.split(":")[0]
+        if module.startswith("aitune_build.backends."):
+            continue
+        try:
+            spec = importlib.util.find_spec(module)
+        except ImportError:
+            spec = None
+        if spec is None or not spec.origin or not Path(spec.origin).is_file():
+            raise ManifestError("AITUNE_BACKENDS", "", f"cannot find module '{module}' (check PYTHONPATH)")
+        found.append(Path(spec.origin))
+    return found
 
 
 def checked(path: Path, model: Manifest) -> LoadedManifest:

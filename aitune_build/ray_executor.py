@@ -30,6 +30,7 @@ from typing import Any
 from .errors import UserError
 from .executor import Runner, _run_worker
 from .gpus import TEST_GPU_BOUND_ENV, GpuPlan, model_matches
+from .vocabulary import BACKENDS_ENV
 from .project import Project
 
 INSTALL = "pip install 'aitune-build[ray]' (Ray must be installed on every node of the cluster too)"
@@ -66,7 +67,8 @@ class RayRunner(Runner):
                 excludes.append("/" + d.resolve().relative_to(root.resolve()).as_posix())
             except ValueError:
                 pass  # outside the project: not shipped anyway
-        env_vars = {k: os.environ[k] for k in (TEST_GPU_BOUND_ENV,) if k in os.environ}
+        # A backend registered in AITUNE_BACKENDS is registered on the nodes too (its module must be importable there).
+        env_vars = {k: os.environ[k] for k in (TEST_GPU_BOUND_ENV, BACKENDS_ENV) if k in os.environ}
         runtime_env = {"working_dir": str(root), "excludes": excludes,
                        "py_modules": [str(Path(__file__).resolve().parent)], "env_vars": env_vars}
         _cluster_messages_to_stderr()

@@ -74,7 +74,8 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
     A materialised artifact that is stale for the current project warns once (StaleArtifact); strict=True raises."""
     from .backends import BuildContext, backend_for
     from .factory import make_module
-    from .manifest import BACKEND_KINDS, InputSpec, backend_config, to_json
+    from .manifest import InputSpec, backend_config, to_json
+    from .vocabulary import backend_kinds
     from .outputs import read_record
 
     project = None
@@ -130,7 +131,7 @@ def load(target: str, manifest: str | Path = "aitune.toml", *, build: bool = Fal
             check_same_device(target, record)
             comps = record["winner"]["components"]
         kind = comps["backend"]["kind"]
-        if kind not in BACKEND_KINDS:
+        if kind not in backend_kinds():
             raise UserError(f"{where}: target '{target}' has unknown backend kind {kind!r}")
         archived_inputs = [InputSpec.from_json(i) for i in comps["module"]["inputs"]]
     except (KeyError, TypeError, AttributeError, ValueError):

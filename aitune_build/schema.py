@@ -2,23 +2,25 @@
 
 Imported only to validate a manifest that changed since its last validation (see project.Project.open) and to
 print the JSON Schema: pydantic's model construction costs more than a whole no-op build.
+A backend's model is not written here: it is derived from the config its backend declares (backends/), one per
+registered kind, so adding a backend touches neither this file nor manifest.py.
 `normalise()` returns the validated manifest as plain JSON with every default filled in; manifest.py turns that
 into the frozen dataclasses the rest of the program uses.
 """
 
 from __future__ import annotations
 
+import functools
 import types
 import typing
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator, model_validator
 
 from .errors import ManifestError, did_you_mean
-from .vocabulary import BACKEND_KINDS, DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE
+from .spec import Option
+from .vocabulary import DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_RE, backend_kinds, backend_registry
 
-Device = Literal["cpu", "cuda"]
-Precision = Literal["float32", "float16", "bfloat16"]
 
 
 class _Table(BaseModel):
@@ -105,77 +107,27 @@ class ModuleSpec(_Table):
         return v
 
 
-class _Backend(_Table):
-    pass
-
-
-class ExportConfig(_Backend):
-    """torch.export -> .pt2 (an ExportedProgram)."""
-
-    kind: Literal["export"]
-    device: Device = "cpu"
-    strict: bool = Field(False, description="torch.export strict mode.")
-
-
-class InductorAotConfig(_Backend):
-    """AOTInductor package -> .pt2."""
-
-    kind: Literal["inductor_aot"]
-    device: Device = "cpu"
-    inductor_configs: dict[str, Any] = Field(default_factory=dict, description="torch._inductor config overrides.")
-
-
-class InductorJitConfig(_Backend):
-    """torch.compile (Inductor): build = compile + warm-up + check; load recompiles."""
-
-    kind: Literal["inductor_jit"]
-    device: Device = "cpu"
-    mode: str | None = None
-    fullgraph: bool = False
-    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
-    options: dict[str, Any] = Field(default_factory=dict)
-
-
-class EagerConfig(_Backend):
-    """The reference: the module as the factory returns it."""
-
-    kind: Literal["eager"]
-    device: Device = "cpu"
-
-
-class _TorchTensorRT(_Backend):
-    device: Literal["cuda"] = "cuda"
-    compile_config: dict[str, Any] = Field(
-        default_factory=dict, description="torch_tensorrt CompilationSettings fields, checked against the installed version."
-    )
-    autocast_enabled: bool = False
-    autocast_dtype: Precision | None = None
-
-
-class TorchTensorRTJitConfig(_TorchTensorRT):
-    """torch.compile(backend="torch_tensorrt"): compiled at run time; the build keeps a record and the engine cache."""
-
-    kind: Literal["torch_tensorrt_jit"]
-    fullgraph: bool = Field(False, description="true: fail on graph breaks.")
-    dynamic_shapes: bool | None = Field(None, description="true | false | omitted (auto-detect and recompile).")
-    engine_cache: bool = Field(True, description="Store torch_tensorrt's engine cache with the target (needs immutable_weights=false).")
-
-
-class TorchTensorRTAotConfig(_TorchTensorRT):
-    """torch_tensorrt dynamo compile during the build, saved to disk, loaded without recompiling."""
-
-    kind: Literal["torch_tensorrt_aot"]
-    output_format: Literal["exported_program", "torchscript", "aot_inductor"] = "exported_program"
-
-
-def _backend_models() -> tuple[type, ...]:
-    """Each registered kind's model, named by its backend class (vocabulary.BACKENDS is the one registration)."""
+def _backend_model(kind: str) -> type[BaseModel]:
+    """A kind's model, derived from the config its backend declares (fields, types, defaults, descriptions):
+    `kind` is the literal of the kind, every other key is refused."""
     from .backends import backend_for
 
-    return tuple(globals()[backend_for(k).config_class] for k in BACKEND_KINDS)
-
-
-BackendConfig = Annotated[Union[_backend_models()], Field(discriminator="kind")]
+    spec = backend_for(kind).config_class
+    hints = typing.get_type_hints(spec)
+    fields: dict[str, Any] = {}
+    for name in spec.fields:
+        if name == "kind":
+            fields[name] = (Literal[kind], ...)
+            continue
+        opt = spec.field_options.get(name, Option())
+        if opt.default_factory is not None:
+            info = Field(default_factory=opt.default_factory, description=opt.description)
+        elif opt.default is Option.REQUIRED:
+            info = Field(description=opt.description)
+        else:
+            info = Field(opt.default, description=opt.description)
+        fields[name] = (hints[name], info)
+    return create_model(spec.__name__, __base__=_Table, __doc__=spec.__doc__, __module__=spec.__module__, **fields)
 
 
 class CheckSpec(_Table):
@@ -213,29 +165,42 @@ class TargetSpec(_Table):
         return self
 
 
-class Manifest(_Table):
-    """An aitune.toml file."""
+def manifest_model() -> type[BaseModel]:
+    """The model of an aitune.toml file, its backends a union of every registered kind's model."""
+    return _manifest_model(tuple(backend_registry().items()))
 
-    project: Project
-    modules: dict[str, ModuleSpec] = Field(default_factory=dict)
-    backends: dict[str, BackendConfig] = Field(default_factory=dict)
-    targets: dict[str, TargetSpec] = Field(default_factory=dict)
+
+def backend_union() -> Any:
+    return typing.get_args(manifest_model().model_fields["backends"].annotation)[1]
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest_model(registry: tuple[tuple[str, str], ...]) -> type[BaseModel]:
+    union = Annotated[Union[tuple(_backend_model(kind) for kind, _ in registry)], Field(discriminator="kind")]
+    return create_model(
+        "Manifest", __base__=_Table, __doc__="An aitune.toml file.", __module__=__name__,
+        project=(Project, ...),
+        modules=(dict[str, ModuleSpec], Field(default_factory=dict)),
+        backends=(dict[str, union], Field(default_factory=dict)),
+        targets=(dict[str, TargetSpec], Field(default_factory=dict)),
+    )
 
 
 # --- turning pydantic's errors into one line naming the key ---------------------------------------------------
 
 
-def _from_validation_error(exc: ValidationError, display: str) -> ManifestError:
+def _from_validation_error(exc: ValidationError, display: str, model: type[BaseModel]) -> ManifestError:
     errors = exc.errors()
+    kinds = backend_kinds()
     # A shape entry is an int or an Axis table: report the member the user evidently meant.
     err = next((e for e in errors if not (e["type"].startswith("int_") and isinstance(e["input"], dict))), errors[0])
     if any(p in ("Axis", "constrained-int", "int") for p in err["loc"]) and not isinstance(err["input"], (dict, int)):
-        shown, _ = _walk(list(err["loc"]))
+        shown, _ = _walk(model, list(err["loc"]))
         return ManifestError(display, _format_loc(shown), f"expected an integer or a table {{min, opt, max[, dim]}}, got {err['input']!r}")
     if err["type"] == "missing":  # a misspelled required key is both missing and unknown: name the unknown one
         err = next((e for e in errors if e["type"] == "extra_forbidden" and e["loc"][:-1] == err["loc"][:-1]), err)
     loc, kind, msg = list(err["loc"]), err["type"], err["msg"]
-    shown, fields = _walk(loc)
+    shown, fields = _walk(model, loc)
     key = _format_loc(shown)
     if kind == "extra_forbidden":
         bad = str(loc[-1])
@@ -244,17 +209,17 @@ def _from_validation_error(exc: ValidationError, display: str) -> ManifestError:
         return ManifestError(display, key, "required key is missing")
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag", "?")
-        return ManifestError(display, key + ".kind", f"unknown backend kind '{tag}'{did_you_mean(tag, BACKEND_KINDS)}; one of: {', '.join(BACKEND_KINDS)}")
+        return ManifestError(display, key + ".kind", f"unknown backend kind '{tag}'{did_you_mean(tag, kinds)}; one of: {', '.join(kinds)}")
     if kind == "union_tag_not_found":
-        return ManifestError(display, key + ".kind", f"required key is missing; one of: {', '.join(BACKEND_KINDS)}")
+        return ManifestError(display, key + ".kind", f"required key is missing; one of: {', '.join(kinds)}")
     return ManifestError(display, key, msg.removeprefix("Value error, "))
 
 
-def _walk(loc: list) -> tuple[list, list[str]]:
+def _walk(model: type[BaseModel], loc: list) -> tuple[list, list[str]]:
     """Follow pydantic's loc through the models, dropping the parts that name a union member.
 
     Returns the path as the user wrote it and the keys allowed in the last table visited."""
-    ann: Any = Manifest
+    ann: Any = model
     shown: list = []
     fields: list[str] = []
     for part in loc:
@@ -310,22 +275,23 @@ def _format_loc(loc: list) -> str:
 
 def normalise(data: dict, display: str) -> dict[str, Any]:
     """The validated manifest as JSON, defaults filled in; a ManifestError naming file and key otherwise."""
+    model = manifest_model()
     try:
-        return Manifest.model_validate(data).model_dump(mode="json")
+        return model.model_validate(data).model_dump(mode="json")
     except ValidationError as e:
-        raise _from_validation_error(e, display) from None
+        raise _from_validation_error(e, display, model) from None
 
 
 def normalise_backend(data: dict) -> dict[str, Any]:
     """One [backends.X] table, validated, defaults filled in (for tests and tools that make a config by hand)."""
     try:
-        return TypeAdapter(BackendConfig).validate_python(data).model_dump(mode="json")
+        return TypeAdapter(backend_union()).validate_python(data).model_dump(mode="json")
     except ValidationError as e:
         raise ManifestError("backend", "", str(e)) from None
 
 
 def manifest_schema() -> dict:
-    schema = Manifest.model_json_schema(by_alias=True)
+    schema = manifest_model().model_json_schema(by_alias=True)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "aitune.toml"
     return schema

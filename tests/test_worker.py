@@ -52,9 +52,9 @@ def test_eager_module_is_constructed_once_per_build(tmp_path: Path, monkeypatch:
 
 def test_backends_that_cast_the_module_get_a_copy() -> None:
     from aitune_build.backends import backend_for
-    from aitune_build.vocabulary import BACKEND_KINDS
+    from aitune_build.vocabulary import backend_kinds
 
-    mutating = {k for k in BACKEND_KINDS if backend_for(k).mutates_module}
+    mutating = {k for k in backend_kinds() if backend_for(k).mutates_module}
     assert mutating == {"torch_tensorrt_aot", "torch_tensorrt_jit"}  # both cast with module.to(dtype), in place
 
 

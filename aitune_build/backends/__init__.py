@@ -1,5 +1,8 @@
-"""Backends: one file per kind, each a small class behind `Backend`; torch and friends are imported inside methods.
+"""Backends: one file per kind, each a small class behind `Backend` with its config (a `BackendConfig`) beside it;
+torch and friends are imported inside methods.
 
+A kind is registered once, in vocabulary.BACKENDS (or AITUNE_BACKENDS for one outside this package); the manifest's
+specs, the pydantic schema and the rules for `from` all derive from the class it names.
 This module and every backend module import without torch, so planning and no-op builds stay light.
 """
 
@@ -7,13 +10,24 @@ from __future__ import annotations
 
 import importlib
 
-from ..vocabulary import BACKENDS as _KINDS
-from .base import Backend, BuildContext
+from ..errors import UserError
+from ..vocabulary import BACKENDS_ENV, backend_registry
+from .base import Backend, BackendConfig, BuildContext
 
 
 def backend_for(kind: str) -> type[Backend]:
-    module, cls = _KINDS[kind].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+    """The class of a registered kind (a KeyError for a kind nobody registered)."""
+    where = backend_registry()[kind]
+    module, name = where.split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"backend kind '{kind}': cannot import {where} ({e}); check {BACKENDS_ENV} and PYTHONPATH") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend) and getattr(cls, "kind", None) == kind
+            and issubclass(cls.config_class, BackendConfig)):
+        raise UserError(f"backend kind '{kind}': {where} is not a Backend subclass with kind = '{kind}' and a "
+                        "config_class deriving from BackendConfig")
+    return cls
 
 
-__all__ = ["Backend", "BuildContext", "backend_for"]
+__all__ = ["Backend", "BackendConfig", "BuildContext", "backend_for"]

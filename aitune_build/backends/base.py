@@ -8,18 +8,37 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..manifest import InputSpec, to_json
 from ..gpus import test_gpu_bound
+from ..spec import Spec, to_json
 from ..toolchain import dist_version, gpu_info, has_module
+
+if TYPE_CHECKING:
+    from ..manifest import InputSpec
+
+Device = Literal["cpu", "cuda"]
+
+
+class BackendConfig(Spec):
+    """A [backends.X] table, frozen. Each backend declares its config beside it, deriving from this: its fields with
+    their types, defaults and descriptions (`option`), once. schema.py derives the pydantic model (`kind` becomes the
+    literal of the backend's kind; every other key is refused), manifest.py makes this from the validated JSON."""
+
+    kind: str
+    device: Device = "cpu"
+
+    @property
+    def precision(self) -> str:
+        return "float32"
+
 
 
 @dataclass
 class BuildContext:
     """What a backend gets to build or load one target. Built in the worker process (torch is imported there)."""
 
-    config: Any  # the validated backend config (a frozen manifest.BackendConfig)
+    config: Any  # the validated backend config (a frozen BackendConfig)
     inputs: list[InputSpec]
     root: Path  # the manifest's folder
     artifact_dir: Path  # build: where to write the artifact files; load: where they are
@@ -65,8 +84,8 @@ class BuildContext:
 
 class Backend:
     kind: ClassVar[str]
-    # The name of this kind's config: a frozen spec in manifest.py and a pydantic model in schema.py.
-    config_class: ClassVar[str]
+    # This kind's config, declared in the backend's file: the manifest's spec and the schema's model derive from it.
+    config_class: ClassVar[type[BackendConfig]] = BackendConfig
     takes_from: ClassVar[bool] = False  # may compile another target's artifact (a `from` edge)
     feeds_from: ClassVar[bool] = False  # its artifact may be another target's `from` input
     artifact: ClassVar[str]  # the main file written into artifact_dir

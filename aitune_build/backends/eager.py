@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, BuildContext
+from .base import Backend, BackendConfig, BuildContext
+
+
+class EagerConfig(BackendConfig):
+    """The reference: the module as the factory returns it."""
 
 
 class EagerBackend(Backend):
     kind = "eager"
-    config_class = "EagerConfig"
+    config_class = EagerConfig
     takes_from = True
     artifact = "record.json"
     deterministic = True

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, BuildContext
+from ..spec import option
+from .base import Backend, BackendConfig, BuildContext
+
+
+class ExportConfig(BackendConfig):
+    """torch.export -> .pt2 (an ExportedProgram)."""
+
+    strict: bool = option(False, "torch.export strict mode.")
 
 
 def export_program(module: Any, ctx: BuildContext, strict: bool = False) -> Any:
@@ -19,7 +26,7 @@ def export_program(module: Any, ctx: BuildContext, strict: bool = False) -> Any:
 
 class ExportBackend(Backend):
     kind = "export"
-    config_class = "ExportConfig"
+    config_class = ExportConfig
     feeds_from = True  # an ExportedProgram: the input of inductor_aot and Torch-TensorRT targets
     artifact = "model.pt2"
     deterministic = True

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import Backend, BuildContext
+from ..spec import option
+from .base import Backend, BackendConfig, BuildContext
 from .export import ExportBackend, export_program
+
+
+class InductorAotConfig(BackendConfig):
+    """AOTInductor package -> .pt2."""
+
+    inductor_configs: dict[str, Any] = option(default_factory=dict, description="torch._inductor config overrides.")
 
 
 class InductorAotBackend(Backend):
     kind = "inductor_aot"
-    config_class = "InductorAotConfig"
+    config_class = InductorAotConfig
     takes_from = True
     artifact = "model.pt2"
     preload = ExportBackend.preload + ("torch._inductor.compile_fx",)

@@ -6,12 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from . import compile_cache
-from .base import Backend, BuildContext
+from ..spec import option
+from .base import Backend, BackendConfig, BuildContext
+
+
+class InductorJitConfig(BackendConfig):
+    """torch.compile (Inductor): build = compile + warm-up + check; load recompiles."""
+
+    mode: str | None = None
+    fullgraph: bool = False
+    dynamic_shapes: bool | None = option(None, "true | false | omitted (auto-detect and recompile).")
+    options: dict[str, Any] = option(default_factory=dict)
 
 
 class InductorJitBackend(Backend):
     kind = "inductor_jit"
-    config_class = "InductorJitConfig"
+    config_class = InductorJitConfig
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx")

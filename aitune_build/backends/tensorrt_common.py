@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import UserError, did_you_mean
+from ..spec import option
 from ..toolchain import has_module
+from .base import BackendConfig
 
 LIBRARIES = (
     ("torch_tensorrt", "torch-tensorrt", "torch-tensorrt-rtx", "torch_tensorrt_rtx"),
@@ -26,6 +28,26 @@ MANAGED_KEYS = frozenset({"engine_cache_dir", "cache_built_engines", "reuse_cach
 _DTYPE_ALIASES = {"float16": "float16", "half": "float16", "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16",
                   "float32": "float32", "float": "float32", "fp32": "float32", "int8": "int8", "fp8": "float8_e4m3fn",
                   "float8_e4m3fn": "float8_e4m3fn"}
+
+
+class TorchTensorRTConfig(BackendConfig):
+    """The fields both Torch-TensorRT backends' configs have."""
+
+    device: Literal["cuda"] = "cuda"
+    compile_config: dict[str, Any] = option(
+        default_factory=dict, description="torch_tensorrt CompilationSettings fields, checked against the installed version.")
+    autocast_enabled: bool = False
+    autocast_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+
+    @property
+    def precision(self) -> str:
+        if self.autocast_enabled and self.autocast_dtype:
+            return self.autocast_dtype
+        wanted = {str(p).removeprefix("torch.") for p in self.compile_config.get("enabled_precisions", [])}
+        for name, aliases in (("float16", {"float16", "half", "fp16"}), ("bfloat16", {"bfloat16", "bf16"})):
+            if wanted & aliases:
+                return name
+        return "float32"
 
 
 def unavailable(needs_gpu_reason: str | None) -> str | None:

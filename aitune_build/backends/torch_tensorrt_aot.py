@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import UserError
 from . import tensorrt_common as trt
+from ..spec import option
 from .base import Backend, BuildContext
 from .export import ExportBackend
 
 _FILES = {"exported_program": "model.pt2", "torchscript": "model.ts", "aot_inductor": "model.pt2"}
 
 
+class TorchTensorRTAotConfig(trt.TorchTensorRTConfig):
+    """torch_tensorrt dynamo compile during the build, saved to disk, loaded without recompiling."""
+
+    output_format: Literal["exported_program", "torchscript", "aot_inductor"] = "exported_program"
+
+
 class TorchTensorRTAotBackend(Backend):
     kind = "torch_tensorrt_aot"
-    config_class = "TorchTensorRTAotConfig"
+    config_class = TorchTensorRTAotConfig
     takes_from = True
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place

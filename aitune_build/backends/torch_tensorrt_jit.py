@@ -8,14 +8,23 @@ from typing import Any
 
 from . import compile_cache
 from . import tensorrt_common as trt
+from ..spec import option
 from .base import Backend, BuildContext
 
 ENGINE_CACHE = "engine_cache"
 
 
+class TorchTensorRTJitConfig(trt.TorchTensorRTConfig):
+    """torch.compile(backend="torch_tensorrt"): compiled at run time; the build keeps a record and the engine cache."""
+
+    fullgraph: bool = option(False, "true: fail on graph breaks.")
+    dynamic_shapes: bool | None = option(None, "true | false | omitted (auto-detect and recompile).")
+    engine_cache: bool = option(True, "Store torch_tensorrt's engine cache with the target (needs immutable_weights=false).")
+
+
 class TorchTensorRTJitBackend(Backend):
     kind = "torch_tensorrt_jit"
-    config_class = "TorchTensorRTJitConfig"
+    config_class = TorchTensorRTJitConfig
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd")  # not torch_tensorrt: see torch_tensorrt_aot

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..manifest import BACKEND_KINDS, FACTORY_RE, NAME_RE, module_file
+from ..manifest import FACTORY_RE, NAME_RE, module_file
+from ..vocabulary import backend_kinds
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
@@ -330,11 +331,11 @@ def update_manifest(path: Path, recorded: dict[str, Recorded], backend: str, tar
 def _backend(backends: dict[str, Any], wanted: str, display: str) -> tuple[str, str]:
     if wanted in backends:
         return wanted, backends[wanted].get("kind", "?")
-    if wanted in BACKEND_KINDS:
+    if wanted in backend_kinds():
         return wanted, wanted
     from ..errors import did_you_mean
 
-    choices = list(backends) + list(BACKEND_KINDS)
+    choices = list(backends) + list(backend_kinds())
     raise UserError(f"--backend {wanted}: not a backend of {display} nor a backend kind{did_you_mean(wanted, choices)}; "
                     f"one of: {', '.join(choices)}")
 

@@ -139,6 +139,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
             from .ray_executor import RayRunner
 
             runner = RayRunner.connect(project, ray_address, jobs)  # before any key: GPU keys name the cluster's GPU
+        seen = None  # the lock as read before the build: update() reads it again only if it changed meanwhile
         if locked or dry_run or not cache_readonly:
             problems: dict[str, list[str]] = {}
             try:
@@ -147,7 +148,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
                     _emit_locked(problems, as_json, lockfile.lock_path(project).name)
                     return EXIT_FAILED
                 if not locked and not cache_readonly and not dry_run:
-                    lockfile.check_readable(project)  # a malformed lock stops the build before it starts, not after
+                    seen = lockfile.check_readable(project)  # a malformed lock stops the build before it starts, not after
                 if dry_run:
                     return _dry_run(survey(project, order), as_json)
             finally:
@@ -163,7 +164,7 @@ def build_cmd(obj: _Ctx, targets: tuple[str, ...], jobs: int, keep_going: bool, 
 
         save_run(project)
         if not cache_readonly and not locked:
-            lockfile.update(project, results)
+            lockfile.update(project, results, seen)
         drift = lockfile.artifact_drift(project, results) if locked else {}
         summary = {s.value: sum(r.status == s for r in results) for s in Status}
         summary["seconds"] = round(reporter.elapsed(), 3)

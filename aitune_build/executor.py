@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -185,6 +187,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     stop = threading.Event()
 
     stopped_by: list[str] = []  # the failed target that stopped the build (no -k)
+    gpu_bound_by_backends: dict[tuple[str, ...], bool] = {}
 
     def finish(res: TargetResult, t0: float, stops: bool = True) -> None:
         res.seconds = time.perf_counter() - t0
@@ -220,7 +223,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                 up = man.targets[name].from_
                 if up is not None and up not in results:
                     continue  # upstream still pending or running
-                gpu_bound = _gpu_bound(man, name)
+                gpu_bound = _gpu_bound(man, name, gpu_bound_by_backends)
                 if sum(r[2] == gpu_bound for r in running.values()) >= runner.slots(gpu_bound) + extra:
                     continue  # this class (CPU or GPU) is at capacity; the other may still start
                 pending.remove(name)
@@ -276,25 +279,36 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     return [results[n] for n in order]  # the project is its opener's to close
 
 
-def _gpu_bound(man: Any, name: str) -> bool:
+def _gpu_bound(man: Any, name: str, known: dict[tuple[str, ...], bool] | None = None) -> bool:
+    """Whether target name compiles on a GPU; known: answers by backend names, kept by the caller for one build."""
     spec = man.targets[name]
-    configs = [man.backends[b] for b in spec.candidates] if spec.backend is None else [man.backends[spec.backend]]
-    return any(backend_for(c.kind)(c).needs_gpu for c in configs)  # a tuned target: measured alone on its GPU
+    names = tuple(spec.candidates) if spec.backend is None else (spec.backend,)
+    if known is not None and names in known:
+        return known[names]
+    found = any(_backend_class(man.backends[b].kind)(man.backends[b]).needs_gpu for b in names)  # a tuned target: measured alone on its GPU
+    if known is not None:
+        known[names] = found
+    return found
+
+
+@functools.cache
+def _backend_class(kind: str) -> type:
+    return backend_for(kind)  # a no-op build asks once per kind, not three times per target
 
 
 def _remember_failure(project: Project, res: TargetResult) -> None:
     """Keep the last failure in the target's folder (status, explain and dry runs report it); a success clears it."""
-    path = project.target_dir(res.name) / FAILURE
+    folder = project.target_dir(res.name)
     if res.status == FAILED and res.error not in ("unavailable", "upstream"):
         from .fsutil import atomic_write_json
 
         try:
-            atomic_write_json(path, {"when": time.time(), "key": res.key, "error": res.error, "reason": res.reason})
+            atomic_write_json(folder / FAILURE, {"when": time.time(), "key": res.key, "error": res.error, "reason": res.reason})
         except OSError:
             pass
     elif res.status in (BUILT, CACHED):
         try:
-            path.unlink()
+            os.unlink(f"{folder}/{FAILURE}")
         except OSError:
             pass
 
@@ -322,7 +336,7 @@ def _prepare(project: Project, name: str, results: dict[str, TargetResult], forc
         upstream_digest = up_rec.artifact_digest()
     key, comps = project.fingerprinter.key(name, upstream_digest)
     current = None if force else current_record(project.target_dir(name), key, project.state)
-    return _Job(name, backend_for(config.kind)(config) if config is not None else None, comps, key, upstream_file, current)
+    return _Job(name, _backend_class(config.kind)(config) if config is not None else None, comps, key, upstream_file, current)
 
 
 def _build_one(project: Project, job: _Job, options: BuildOptions, runner: Runner, listen: Listener,

@@ -45,6 +45,8 @@ class Fingerprinter:
     _imports: dict[str, list[str]] = field(default_factory=dict)  # third-party top-level import names, by module
     _json: dict[tuple[str, str], Any] = field(default_factory=dict)  # specs as JSON, by (table, name)
     _toolchains: dict[str, dict] = field(default_factory=dict)
+    # components that targets of one (module, backend) share, and each one's canonical JSON (encoded once, not per target)
+    _shared: dict[tuple[str, str], tuple[dict[str, Any], dict[str, str]]] = field(default_factory=dict)
 
     @property
     def gpu_plan(self) -> GpuPlan:
@@ -61,6 +63,7 @@ class Fingerprinter:
         """Name another GPU model in keys (the Ray executor: the cluster's, not this machine's). Before any key."""
         self._gpu_plan = plan
         self._toolchains.clear()
+        self._shared.clear()
 
     def toolchain(self, backend_name: str) -> dict[str, Any]:
         """What compiles targets of this backend (config, not kind: two `export` backends on cpu and cuda differ)."""
@@ -112,8 +115,16 @@ class Fingerprinter:
     def key(self, target: str, upstream_artifact: str | None = None) -> tuple[str, dict[str, Any]]:
         """(key, components) of target; upstream_artifact: the xxh3 of its `from` upstream's artifact (from a build
         record, or as aitune.lock pins it)."""
-        comps = self.components(target, upstream_artifact)
-        return key_of(comps), comps
+        spec = self.manifest.model.targets[target]
+        if spec.candidates is not None:
+            comps = self.components(target, upstream_artifact)
+            return key_of(comps), comps
+        shared, texts = self._shared_components(spec.backend, self.manifest.module_of(target)[0])
+        comps = self._assemble(shared, spec, upstream_artifact)
+        # key_of(comps), with the shared components' JSON encoded once per run (tests/test_keys.py checks they agree)
+        texts = {**texts, **{k: f'"{k}":{canonical_json(v)}' for k, v in comps.items() if k not in texts}}
+        body = ",".join([texts[k] for k in sorted(texts)])
+        return xxhash.xxh3_128_hexdigest(f'{{"components":{{{body}}},"schema":{KEY_SCHEMA}}}'.encode()), comps
 
     def components(self, target: str, upstream_artifact: str | None = None) -> dict[str, Any]:
         man = self.manifest.model
@@ -122,23 +133,36 @@ class Fingerprinter:
             from .tune import selection_components
 
             return selection_components(self, target, upstream_artifact)
-        module_name, mod = self.manifest.module_of(target)
-        config = man.backends[spec.backend]
-        root = self.manifest.root
-        module = {k: v for k, v in self._as_json("modules", module_name, mod).items() if k != "sources"}  # files hashed below
-        comps: dict[str, Any] = {
-            "module": module,
-            "sources": self._module_sources(module_name),
-            "packages": self.packages(module_name),
-            "weights": {mod.weights: self.state.digest(root / mod.weights)} if mod.weights else {},
-            "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
-            "backend": self._as_json("backends", spec.backend, config),
-            "check": to_json(spec.check),
-            "toolchain": self.toolchain(spec.backend),
-        }
+        shared, _ = self._shared_components(spec.backend, self.manifest.module_of(target)[0])
+        return self._assemble(shared, spec, upstream_artifact)
+
+    @staticmethod
+    def _assemble(shared: dict[str, Any], spec: Any, upstream_artifact: str | None) -> dict[str, Any]:
+        comps = {k: v for k, v in shared.items() if k != "toolchain"}
+        comps["check"] = to_json(spec.check)
+        comps["toolchain"] = shared["toolchain"]
         if spec.from_ is not None:
             comps["upstream"] = {"artifact": upstream_artifact}
         return comps
+
+    def _shared_components(self, backend_name: str, module_name: str) -> tuple[dict[str, Any], dict[str, str]]:
+        """The components every target of this module and backend has alike, and each one's canonical JSON member."""
+        if (module_name, backend_name) not in self._shared:
+            mod = self.manifest.model.modules[module_name]
+            root = self.manifest.root
+            module = {k: v for k, v in self._as_json("modules", module_name, mod).items() if k != "sources"}  # files hashed below
+            shared: dict[str, Any] = {
+                "module": module,
+                "sources": self._module_sources(module_name),
+                "packages": self.packages(module_name),
+                "weights": {mod.weights: self.state.digest(root / mod.weights)} if mod.weights else {},
+                "samples": {i.sample: self.state.digest(root / i.sample) for i in mod.inputs if i.sample},
+                "backend": self._as_json("backends", backend_name, self.manifest.model.backends[backend_name]),
+                "toolchain": self.toolchain(backend_name),
+            }
+            # '"name":<canonical JSON>' (the names are plain identifiers: JSON spells them as they are)
+            self._shared[module_name, backend_name] = shared, {k: f'"{k}":{canonical_json(v)}' for k, v in shared.items()}
+        return self._shared[module_name, backend_name]
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

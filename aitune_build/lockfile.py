@@ -18,6 +18,7 @@ manifest's folder, so neither loses the other's entries; no lock file is left ne
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,30 +126,53 @@ def _deterministic(kind: str) -> bool:
     return backend_for(kind).deterministic
 
 
-def check_readable(project: Project) -> None:
-    """Raise a LockError now (before building) when the project's lock is malformed."""
-    _read(project)
+@dataclass(frozen=True)
+class LockSnapshot:
+    """The lock as check_readable read it, and the (inode, mtime_ns, size) it had then (None: unknown or too fresh
+    to trust, as hashing.StateCache says of a file written in the last moments)."""
+
+    content: dict[str, Any]
+    signature: tuple[int, int, int] | None
 
 
-def update(project: Project, results: list[Any]) -> None:
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    import os
+    import time
+
+    from .hashing import RACY_NS
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size) if time.time_ns() - st.st_mtime_ns > RACY_NS else None
+
+
+def check_readable(project: Project) -> LockSnapshot:
+    """Read the project's lock now, before building: a LockError when it is malformed. update() takes the result
+    and reads the file again only when it changed meanwhile (a no-op build of many targets reads it once)."""
+    signature = _signature(lock_path(project))  # before reading: a change after it is seen by update()
+    return LockSnapshot(_read(project), signature)
+
+
+def update(project: Project, results: list[Any], seen: LockSnapshot | None = None) -> None:
     """Record the built/cached targets of `results`, keeping every other target's entry (read-modify-write under an
-    exclusive lock, so two builds of one project on disjoint targets both land)."""
+    exclusive lock, so two builds of one project on disjoint targets both land). seen: check_readable's snapshot,
+    used when the file is as it was then."""
     fresh = {r.name: r.record for r in results if r.status in DONE and r.record.get("files")}
     path = lock_path(project)
     with _exclusive(path.parent):
-        old_bytes = path.read_bytes() if path.exists() else b""
-        lock = _read(project)
+        unchanged = seen is not None and seen.signature is not None and _signature(path) == seen.signature
+        lock = seen.content if unchanged else _read(project)  # type: ignore[union-attr]
         targets = {n: e for n, e in lock["targets"].items() if n in project.manifest.model.targets}
         for name, rec in fresh.items():
             old = targets.get(name)
             targets[name] = entry_for(rec, pin_artifact=_deterministic(rec["backend"]))
             if old is not None and "tuned" in targets[name]:  # a tuned target's winners, one per device, merged
                 targets[name]["tuned"] = {**old.get("tuned", {}), **targets[name]["tuned"]}
-        if not targets:
-            return
-        new = render({"format": LOCK_FORMAT, "targets": dict(sorted(targets.items()))})
-        if new != old_bytes:
-            atomic_write_bytes(path, new)
+        if not targets or (lock["format"] == LOCK_FORMAT and lock["targets"] == targets):
+            return  # nothing to write; comparing values is cheaper than rendering (indented JSON is encoded in Python)
+        atomic_write_bytes(path, render({"format": LOCK_FORMAT, "targets": dict(sorted(targets.items()))}))
 
 
 class _exclusive:

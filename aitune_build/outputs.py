@@ -7,7 +7,6 @@ written last; until then the folder still describes the previous good build.
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -62,8 +61,9 @@ class BuildRecord:
         return self.artifact_file()["sha256"]
 
 
-def read_record(folder: Path) -> dict[str, Any] | None:
-    rec = read_json(folder / RECORD)
+def read_record(folder: Path, state: StateCache | None = None) -> dict[str, Any] | None:
+    """folder's build.json; with state, parsed again only when the file changed (a no-op build reads none)."""
+    rec = read_json(folder / RECORD) if state is None else state.json_object(f"{folder}/{RECORD}")
     return rec if rec is not None and rec.get("format") == BUILD_FORMAT else None
 
 
@@ -73,7 +73,7 @@ def read_failure(folder: Path) -> dict[str, Any] | None:
 
 def current_record(folder: Path, key: str, state: StateCache) -> dict[str, Any] | None:
     """folder's build.json when the folder holds an intact build of key."""
-    rec = read_record(folder)
+    rec = read_record(folder, state)
     return rec if holds(folder, rec, key, state) else None
 
 
@@ -82,9 +82,10 @@ def holds(folder: Path, rec: dict[str, Any] | None, key: str, state: StateCache)
     if rec is None or rec.get("key") != key:
         return False
     for name, want in rec.get("files", {}).items():
-        f = folder / name
+        f = f"{folder}/{name}"  # not folder / name: a no-op build does this per file of every target
         try:
-            if f.stat().st_size != want["size"] or state.digest(f) != want["xxh3"]:
+            st = os.stat(f)
+            if st.st_size != want["size"] or state.digest(f, st) != want["xxh3"]:
                 return False
         except OSError:
             return False
@@ -94,6 +95,8 @@ def holds(folder: Path, rec: dict[str, Any] | None, key: str, state: StateCache)
 def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
     """Copy files into folder: every file to a temp name first (checked), then all renamed into place, build.json
     last. A failure (disk full, a corrupt source) leaves the previous build's files as they were."""
+    import shutil  # not on a no-op build's path
+
     folder.mkdir(parents=True, exist_ok=True)
     staged: list[tuple[str, str]] = []
     try:

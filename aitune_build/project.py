@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ class Project:
     remote_disabled: bool = False  # --no-remote
     _store: ArtifactStore | None = None
     _remote: RemoteCache | None | bool = False  # False: not opened yet
+    _out_dir: Path | None = None
+    _target_dirs: dict[str, Path] = field(default_factory=dict)  # a no-op build asks several times per target
 
     @classmethod
     def open(cls, manifest_path: str | Path, readonly_cache: bool = False,
@@ -95,11 +97,17 @@ class Project:
 
     @property
     def out_dir(self) -> Path:
-        return self.manifest.root / self.manifest.model.project.out_dir
+        if self._out_dir is None:
+            self._out_dir = self.manifest.root / self.manifest.model.project.out_dir
+        return self._out_dir
 
     def target_dir(self, target: str) -> Path:
-        parent, sep, backend = target.partition(CANDIDATE_SEP)  # a tuned target's candidate T@B: <out_dir>/T/candidates/B
-        return self.out_dir / parent / "candidates" / backend if sep else self.out_dir / target
+        found = self._target_dirs.get(target)
+        if found is None:
+            parent, sep, backend = target.partition(CANDIDATE_SEP)  # a tuned target's candidate T@B: <out_dir>/T/candidates/B
+            out_dir = self.out_dir
+            found = self._target_dirs[target] = out_dir / parent / "candidates" / backend if sep else out_dir / target
+        return found
 
     def finish_uploads(self) -> None:
         """Wait for the remote cache's uploads (they overlap the build; the build waits for them before it returns)."""

@@ -69,6 +69,9 @@ def try_noop(argv: list[str]) -> int | None:
         if project.manifest.model.project.executor == "ray":
             raise _NeedsWork("")  # keys of GPU targets come from the cluster: click's path connects first
         order = select(project.manifest.model, targets)
+        from . import lockfile
+
+        seen = lockfile.check_readable(project)  # as the click path: a malformed lock stops the build before it starts
         lines: list[str] = []
 
         def listen(event: str, name: str, result: object) -> None:
@@ -77,9 +80,7 @@ def try_noop(argv: list[str]) -> int | None:
             lines.append(f"{result.status:<8} {name:<24} {result.seconds:7.2f}s  {result.reason}")  # type: ignore[attr-defined]
 
         results = build(project, order, BuildOptions(jobs=jobs, keep_going=keep_going, named=targets, settle_only=True), listen)
-        from . import lockfile
-
-        lockfile.update(project, results)
+        lockfile.update(project, results, seen)
         project.close()  # the stat cache, as the CLI saves it
     except (_NeedsWork, NeedsWork, AituneError, OSError, KeyError, ValueError):
         os.chdir(cwd)

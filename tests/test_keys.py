@@ -90,3 +90,23 @@ def test_stat_cache_reuses_digest_without_reading(tmp_path: Path) -> None:
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert StateCache(tmp_path / "state.json").digest(f) == d1
     assert StateCache(None).digest(f) != d1
+
+
+def test_key_encodes_shared_components_once_and_agrees_with_key_of(tmp_path: Path) -> None:
+    # Fingerprinter.key encodes the components targets share (module, sources, backend, ...) once per run; the
+    # result must be key_of(components) for every target: plain, tuned-free, `from`, with and without a check table.
+    from .conftest import MANIFEST
+
+    manifest = MANIFEST + ('\n[backends.aoti]\nkind = "inductor_aot"\n[targets.mlp_aoti]\nfrom = "mlp_export"\nbackend = "aoti"\n'
+                           '\n[targets.mlp_seeded]\nmodule = "mlp"\nbackend = "exp"\ncheck = { seed = 3, atol = 0.5 }\n')
+    root = make_project(tmp_path / "p", manifest)
+    (root / "weights/mlp.pt").write_bytes(b"fixed weights bytes")
+    fp = _fingerprinter(root)
+    keys = set()
+    for name in ("mlp_export", "mlp_eager", "adder_export", "mlp_seeded", "mlp_export", "mlp_aoti"):
+        upstream = "ab" * 16 if name == "mlp_aoti" else None
+        key, comps = fp.key(name, upstream)
+        assert key == key_of(comps) == key_of(_fingerprinter(root).components(name, upstream)), name
+        keys.add(key)
+    assert len(keys) == 5  # the seeded check and the upstream digest change the key like any other component
+    assert fp.key("mlp_aoti", "cd" * 16)[0] != fp.key("mlp_aoti", "ab" * 16)[0]

@@ -243,7 +243,9 @@ def test_an_artifact_larger_than_a_chunk_arrives_in_chunks_byte_identical(tmp_pa
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AITUNE_RAY_CHUNK_BYTES", str(1 << 20))  # 1 MiB chunks; the artifact is over 4 MiB
     monkeypatch.delenv("AITUNE_REMOTE_CACHE", raising=False)
+    from_big = '\n[targets.of_big]\nfrom = "big"\nbackend = "ref"\n'  # the upstream goes to the node in chunks
     root = _project(tmp_path / "p", tmp_path / "marks", {"big": "exp big", "small": "exp { i = 1 }"})
+    (root / "aitune.toml").write_text((root / "aitune.toml").read_text() + from_big)
     code, out, data = run_cli(root, "build", "--executor", "ray", "--json")
     assert code == 0, out
     got = {t["name"]: t for t in data["targets"]}
@@ -252,10 +254,14 @@ def test_an_artifact_larger_than_a_chunk_arrives_in_chunks_byte_identical(tmp_pa
     assert art.stat().st_size > 4 << 20
     rec = json.loads((root / "build/big/build.json").read_text())
     assert rec["transfer"] == "chunks" and rec["files"]["model.pt2"]["sha256"] == _sha(art)
-    local = _project(tmp_path / "local", tmp_path / "marks2", {"big": "exp big"})  # the same target, built here
+    assert "forked from the warm torch server" in (root / "build/big/build.log").read_text()
+    local = _project(tmp_path / "local", tmp_path / "marks2", {"big": "exp big"})  # the same targets, built here
+    (local / "aitune.toml").write_text((local / "aitune.toml").read_text() + from_big)
     code, out, _ = run_cli(local, "build", "--json")
     assert code == 0, out
     assert _sha(art) == _sha(local / "build/big/model.pt2")  # byte-identical to a local build
+    of_big = json.loads((root / "build/of_big/build.json").read_text())
+    assert _sha(root / "build/of_big" / of_big["artifact"]) == _sha(local / "build/of_big" / of_big["artifact"])
 
 
 @pytest.mark.slow

@@ -1,11 +1,12 @@
 """`build --executor ray`: each target to build becomes a Ray task on a cluster; the rest of the build stays here.
 
 The driver (this process) computes the plan and every key, checks the cache, holds each key's lock, and only hands
-the compiles out: a task runs the same worker subprocess as a local build (a segfaulting compile fails its target
-only), on a node with a free GPU (`num_gpus=1`) or CPU (`num_cpus=1`). The project's files travel as the job's
-Ray `runtime_env` `working_dir` (out_dir, cache_dir, .git, .aitune and byte-code left out, so that an unchanged project packs to the same
-content hash and Ray uploads it once; Ray also leaves out what .gitignore lists), and aitune_build itself as a
-`py_modules` entry, so nodes need only Ray and torch (plus the backends' libraries).
+the compiles out: a task runs the target in a worker process of its own as a local build does (a segfaulting compile
+fails its target only), on a node with a free GPU (`num_gpus=1`) or CPU (`num_cpus=1`). The project's files travel
+as the job's Ray `runtime_env` `working_dir` (out_dir, cache_dir, .git, .aitune and byte-code left out, so that an
+unchanged project packs to the same content hash and Ray uploads it once; Ray also leaves out what .gitignore
+lists), and aitune_build itself as a `py_modules` entry, so nodes need only Ray and torch (plus the backends'
+libraries).
 
 A result never passes whole through the driver's memory. The task returns the worker's outcome and the digests
 of every file it built; the bytes travel one of three ways (build.json's "transfer" says which):
@@ -17,8 +18,9 @@ of every file it built; the bytes travel one of three ways (build.json's "transf
 - "inline": an artifact of at most one chunk comes back in the task's result.
 - "chunks": a larger one stays on its node until a second task pinned there streams it as chunks of at most
   AITUNE_RAY_CHUNK_BYTES (default 64 MiB), a few in flight; the driver writes each to a temp file as it arrives,
-  hashing on the way, and deletes nothing it has not checked. An upstream artifact (a `from` edge) goes out to the
-  node in such chunks too.
+  hashing on the way; a file that does not match is deleted, never stored. An upstream artifact (a `from` edge)
+  goes out to the node in such chunks too. (Should the driver die between the two tasks, the node's copy stays in
+  its temp folder, `aitune-ray-*`.)
 The driver writes into a temp folder, checks every file against the worker's digests, and from there stores and
 materialises exactly as for a local build: nothing half-written or corrupt is ever served.
 
@@ -255,11 +257,17 @@ def _upload_spec(project: Project, backend: Any, entry: tuple[str, dict[str, Any
 
 def _put_chunks(ray: Any, path: Path, chunk: int) -> list[Any]:
     """path's bytes as ObjectRefs of at most chunk bytes each, read one chunk at a time."""
-    refs = []
+    return [ray.put(data) for data in _read_chunks(path, chunk)]
+
+
+def _read_chunks(path: Path, chunk: int) -> Iterator[bytes]:
+    """path's bytes, at most chunk at a time (never asking read() for more than is left: it allocates what it is
+    asked for)."""
     with open(path, "rb") as f:
-        while data := f.read(chunk):
-            refs.append(ray.put(data))
-    return refs
+        left = os.fstat(f.fileno()).st_size
+        while left > 0 and (data := f.read(min(chunk, left))):
+            left -= len(data)
+            yield data
 
 
 def _cluster_messages_to_stderr() -> None:
@@ -439,9 +447,7 @@ def _send_chunks(outbox: str, names: list[str], chunk: int) -> Any:
 
     try:
         for name in names:
-            with open(Path(outbox) / "artifact" / name, "rb") as f:
-                while data := f.read(chunk):
-                    yield data
+            yield from _read_chunks(Path(outbox) / "artifact" / name, chunk)
     finally:
         shutil.rmtree(outbox, ignore_errors=True)
 

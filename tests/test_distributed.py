@@ -147,9 +147,9 @@ def build(i=0, wait_for_peer=False, die_on_node2=False):
     return torch.nn.Linear(width(), 2)
 
 
-def big(n=1024):
+def big(n):
     torch.manual_seed(0)  # the same weights every time: a local build gives the same bytes
-    return torch.nn.Linear(n, n)  # 4 MiB of weights
+    return torch.nn.Linear(n, n)  # 4 n² bytes of weights
 '''
 
 
@@ -162,8 +162,8 @@ def _project(root: Path, marks: Path, targets: dict[str, str]) -> Path:
     man = MANIFEST
     for i, (name, spec) in enumerate(targets.items()):
         backend, args = spec.split(" ", 1)
-        factory, width = ("big", 1024) if args == "big" else ("build", 4)
-        args = "{}" if args == "big" else args
+        factory, width = ("big", int(args.split()[1])) if args.startswith("big ") else ("build", 4)
+        args = f"{{ n = {width} }}" if factory == "big" else args
         man += (f'\n[modules.m{i}]\nfactory = "models.probe:{factory}"\nargs = {args}\n'
                 f'inputs = [{{ name = "input", shape = [2, {width}] }}]\n'
                 f'\n[targets.{name}]\nmodule = "m{i}"\nbackend = "{backend}"\n')
@@ -241,24 +241,35 @@ def _sha(p: Path) -> str:
 @needs_ray
 def test_an_artifact_larger_than_a_chunk_arrives_in_chunks_byte_identical(tmp_path: Path, ray_env,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AITUNE_RAY_CHUNK_BYTES", str(1 << 20))  # 1 MiB chunks; the artifact is over 4 MiB
+    monkeypatch.setenv("AITUNE_RAY_CHUNK_BYTES", str(1 << 20))  # 1 MiB chunks; the artifacts are over 48 MiB
     monkeypatch.delenv("AITUNE_REMOTE_CACHE", raising=False)
     from_big = '\n[targets.of_big]\nfrom = "big"\nbackend = "ref"\n'  # the upstream goes to the node in chunks
-    root = _project(tmp_path / "p", tmp_path / "marks", {"big": "exp big", "small": "exp { i = 1 }"})
+    local = _project(tmp_path / "local", tmp_path / "marks", {"big": "exp big 3584"})  # the same targets, built here
+    (local / "aitune.toml").write_text((local / "aitune.toml").read_text() + from_big)
+    code, out, _ = run_cli(local, "build", "--json")
+    assert code == 0, out
+    root = _project(tmp_path / "p", tmp_path / "marks", {"big": "exp big 3584", "small": "exp { i = 1 }"})
     (root / "aitune.toml").write_text((root / "aitune.toml").read_text() + from_big)
-    code, out, data = run_cli(root, "build", "--executor", "ray", "--json")
+    import tracemalloc
+
+    import ray  # noqa: F401 - imported before measuring, as the local build imported ours
+
+    tracemalloc.start()
+    try:
+        code, out, data = run_cli(root, "build", "--executor", "ray", "--json")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
     assert code == 0, out
     got = {t["name"]: t for t in data["targets"]}
     assert got["big"]["transfer"] == "chunks" and got["small"]["transfer"] == "inline"
     art = root / "build/big/model.pt2"
-    assert art.stat().st_size > 4 << 20
+    assert art.stat().st_size > 48 << 20
+    # This process never held an artifact whole: a chunk at a time, and the store's 8 MiB hashing buffer.
+    assert peak < 24 << 20, f"the driver's Python heap peaked at {peak / 2**20:.1f} MiB"
     rec = json.loads((root / "build/big/build.json").read_text())
     assert rec["transfer"] == "chunks" and rec["files"]["model.pt2"]["sha256"] == _sha(art)
     assert "forked from the warm torch server" in (root / "build/big/build.log").read_text()
-    local = _project(tmp_path / "local", tmp_path / "marks2", {"big": "exp big"})  # the same targets, built here
-    (local / "aitune.toml").write_text((local / "aitune.toml").read_text() + from_big)
-    code, out, _ = run_cli(local, "build", "--json")
-    assert code == 0, out
     assert _sha(art) == _sha(local / "build/big/model.pt2")  # byte-identical to a local build
     of_big = json.loads((root / "build/of_big/build.json").read_text())
     assert _sha(root / "build/of_big" / of_big["artifact"]) == _sha(local / "build/of_big" / of_big["artifact"])
@@ -276,7 +287,7 @@ def test_with_a_remote_cache_the_node_uploads_and_the_driver_downloads_verified(
     url = f"s3://aitune/ray-{time.monotonic_ns()}"
     monkeypatch.setenv("AITUNE_REMOTE_CACHE", url)
     monkeypatch.setenv("AITUNE_RAY_CHUNK_BYTES", str(1 << 20))
-    root = _project(tmp_path / "p", tmp_path / "marks", {"big": "exp big"})
+    root = _project(tmp_path / "p", tmp_path / "marks", {"big": "exp big 1024"})  # 4 MiB
     code, out, data = run_cli(root, "build", "--executor", "ray", "--json")
     assert code == 0, out
     [t] = data["targets"]

@@ -20,7 +20,7 @@ of every file it built; the bytes travel one of three ways (build.json's "transf
   AITUNE_RAY_CHUNK_BYTES (default 64 MiB), a few in flight; the driver writes each to a temp file as it arrives,
   hashing on the way; a file that does not match is deleted, never stored. An upstream artifact (a `from` edge)
   goes out to the node in such chunks too. (Should the driver die between the two tasks, the node's copy stays in
-  its temp folder, `aitune-ray-*`.)
+  its temp folder until a later task on that node finds it an hour old with its Ray worker process gone.)
 The driver writes into a temp folder, checks every file against the worker's digests, and from there stores and
 materialises exactly as for a local build: nothing half-written or corrupt is ever served.
 
@@ -377,7 +377,8 @@ def _build_on_node(job: NodeJob) -> dict[str, Any]:
             return {"ok": False, "error": "backend", "node": node, "gpu": gpu, "log": b"",
                     "message": f"node {node} lent a GPU of another model ({have}) than the key names ({job.key_gpu}); "
                                "label the cluster's nodes by accelerator type or set gpu_model"}
-    tmp = Path(tempfile.mkdtemp(prefix="aitune-ray-"))
+    _remove_orphans(Path(tempfile.gettempdir()))
+    tmp = Path(tempfile.mkdtemp(prefix=f"aitune-ray-{os.getpid()}-"))
     keep = False
     try:
         artifact_dir = tmp / "artifact"
@@ -420,6 +421,35 @@ def _build_on_node(job: NodeJob) -> dict[str, Any]:
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+ORPHAN_AGE_S = 3600.0  # a node's build folder this old whose Ray worker process is gone: its driver never came
+
+
+def _remove_orphans(tmp: Path, older_than_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Remove what killed tasks and vanished drivers left in this node's temp folder: aitune-ray-<pid>-* folders
+    older than older_than_s whose worker process <pid> is gone. The names of what was removed."""
+    import re
+    import shutil
+    import time
+
+    from .store import _alive
+
+    gone = []
+    try:
+        names = os.listdir(tmp)
+    except OSError:
+        return gone
+    for name in names:
+        m = re.fullmatch(r"aitune-ray-(\d+)-\w+", name)
+        try:
+            if m is None or _alive(int(m[1])) or time.time() - (tmp / name).lstat().st_mtime < older_than_s:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(tmp / name, ignore_errors=True)
+        gone.append(name)
+    return gone
 
 
 def _upload(job: NodeJob, artifact_dir: Path, digests: dict[str, dict[str, Any]], outcome: dict[str, Any]) -> str | None:

@@ -362,6 +362,23 @@ def test_chunks_are_checked_as_they_arrive(tmp_path: Path) -> None:
     assert "more data" in _receive_chunks(iter([*chunks, b"?"]), digests, tmp_path / "extra")
 
 
+def test_a_node_removes_build_folders_that_killed_tasks_left(tmp_path: Path) -> None:
+    from aitune_build.ray_executor import _remove_orphans
+
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    old = time.time() - 7200
+    for name, pid, mtime in (("aitune-ray-{}-orphan", dead.pid, old), ("aitune-ray-{}-young", dead.pid, None),
+                             ("aitune-ray-{}-running", os.getpid(), old), ("other-{}", dead.pid, old)):
+        d = tmp_path / name.format(pid)
+        (d / "artifact").mkdir(parents=True)
+        if mtime:
+            os.utime(d, (mtime, mtime))
+    assert _remove_orphans(tmp_path) == [f"aitune-ray-{dead.pid}-orphan"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"aitune-ray-{dead.pid}-young", f"aitune-ray-{os.getpid()}-running", f"other-{dead.pid}"])
+
+
 @pytest.mark.slow
 @needs_ray
 def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, ray_env) -> None:

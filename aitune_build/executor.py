@@ -65,6 +65,8 @@ class TargetResult:
             doc["node"] = self.node
         if self.source is not None:
             doc["source"] = self.source
+        if "transfer" in self.record and self.status == BUILT:  # --executor ray: how the artifact reached this host
+            doc["transfer"] = self.record["transfer"]
         if "selection" in self.record:  # a tuned target: its winner, the strategy and why it won
             doc["selection"] = self.record["selection"]
         return doc
@@ -87,9 +89,11 @@ class Runner:
         return backend.unavailable()
 
     def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
-                started: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                started: Callable[[dict[str, Any]], None], entry: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """Build into artifact_dir; call started({"gpu":..., "node":...}) once the target has its device; return
-        the worker's outcome ({"ok", "record", "check", "timings", ...} plus "gpu"/"node" where known)."""
+        the worker's outcome ({"ok", "record", "check", "timings", ...} plus "gpu"/"node" where known). entry: the
+        (key, components) the result will be stored under (not for a reproducibility rebuild); a runner that
+        uploads it to the remote cache itself says so with outcome["transfer"] = "remote"."""
         raise NotImplementedError
 
     def cancel(self) -> None:
@@ -149,7 +153,7 @@ class LocalRunner(Runner):
         return backend.unavailable()
 
     def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
-                started: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+                started: Callable[[dict[str, Any]], None], entry: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         workers = self.workers()
         if not backend.needs_gpu:
             started({})
@@ -429,7 +433,8 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
     try:
         listen("worker", name, {"progress": progress, "log": folder / LOG})
         checkpoint("worker-start")
-        outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen))
+        outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen),
+                                 entry=(key, comps))
         checkpoint("worker-done")
         where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
@@ -439,14 +444,7 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
                 head, _, detail = msg.partition("\n")  # the log's path on the first line, detail below
                 msg = f"{head} (log: {_rel(folder / LOG)})" + (f"\n{detail}" if detail else "")
             return TargetResult(name, FAILED, key, reason=msg, error=kind, **where)
-        meta = {
-            "target": name, "key": key, "backend": backend.kind, "artifact": backend.artifact, "components": comps,
-            "toolchain": comps["toolchain"], "timings": outcome["timings"], "check": outcome["check"],
-            "record": outcome.get("record", {}), "built_at": time.time(), "source": "built",
-            "gpu": outcome.get("gpu"),  # the GPU it was built on, driver version included (not in the key)
-        }
-        if outcome.get("node") is not None:
-            meta["node"] = outcome["node"]
+        meta = entry_meta(name, key, comps, backend.kind, backend.artifact, outcome)
         if project.store.readonly:
             from .store import describe_files
 
@@ -455,12 +453,26 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
             entry = project.store.put(key, tmp, meta)
             checkpoint("put-done")
             materialise(folder, entry.path, entry.files, meta)
-            if project.remote is not None:
+            if project.remote is not None and outcome.get("transfer") != "remote":  # a Ray node uploaded it already
                 project.remote.upload(entry, name)  # in the background; Project.close waits for it
         return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         progress.unlink(missing_ok=True)
+
+
+def entry_meta(name: str, key: str, comps: dict[str, Any], kind: str, artifact: str, outcome: dict[str, Any]) -> dict[str, Any]:
+    """A built entry's metadata (build.json, the store's entry.json, the remote's index) from the worker's outcome."""
+    meta = {
+        "target": name, "key": key, "backend": kind, "artifact": artifact, "components": comps,
+        "toolchain": comps["toolchain"], "timings": outcome["timings"], "check": outcome["check"],
+        "record": outcome.get("record", {}), "built_at": time.time(), "source": "built",
+        "gpu": outcome.get("gpu"),  # the GPU it was built on, driver version included (not in the key)
+    }
+    for where in ("node", "transfer"):  # --executor ray: the node, and how the artifact reached this host
+        if outcome.get(where) is not None:
+            meta[where] = outcome[where]
+    return meta
 
 
 def _starter(name: str, key: str, listen: Listener) -> Callable[[dict[str, Any]], None]:

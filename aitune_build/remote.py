@@ -284,19 +284,11 @@ class RemoteCache:
                 self.stats.misses += 1
             return None
         tmp = self.store.new_tmp()
-        t0 = time.perf_counter()
         try:
-            got = 0
-            for name, want in sorted(idx["files"].items()):
-                problem = self._download(want, tmp / name)
-                if problem is not None:
-                    self._corrupt(key, f"{name}: {problem}", idx)
-                    return None
-                got += want["size"]
-            with self._lock:
-                self.stats.hits += 1
-                self.stats.bytes_down += got
-                self.stats.seconds_down += time.perf_counter() - t0
+            problem = self.download(idx["files"], tmp)
+            if problem is not None:
+                self._corrupt(key, problem, idx)
+                return None
             meta = {**idx["meta"], "key": key, "source": "remote"}
             if components is not None:
                 meta.update(components=components, toolchain=components.get("toolchain"),
@@ -312,6 +304,22 @@ class RemoteCache:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def download(self, files: dict[str, dict[str, Any]], folder: Path) -> str | None:
+        """Stream the blobs of files ({name: size/xxh3/sha256}, names already checked safe) into folder, each checked
+        against its digests: None, or the first problem ("name: what"). Counts a hit. Raises Outage."""
+        t0 = time.perf_counter()
+        got = 0
+        for name, want in sorted(files.items()):
+            problem = self._download(want, folder / name)
+            if problem is not None:
+                return f"{name}: {problem}"
+            got += want["size"]
+        with self._lock:
+            self.stats.hits += 1
+            self.stats.bytes_down += got
+            self.stats.seconds_down += time.perf_counter() - t0
+        return None
 
     def _download(self, want: dict[str, Any], dest: Path) -> str | None:
         """Stream one blob to dest, hashing on the way. None when it matches `want`, else what is wrong."""

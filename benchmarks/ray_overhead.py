@@ -7,8 +7,9 @@ whose command line names that folder; never `ray stop`). A generated project of 
 keys) is built cold — fresh copy, empty cache and out dir — as a whole `aitune-build build -j 1` process, locally
 and with `--executor ray` (one target at a time in both), alternating local / ray in every round so that a noisy
 moment on a shared machine hits both. Overhead per target = (ray wall − local wall) / N, median over rounds; it
-includes joining the cluster, shipping the project (working_dir, py_modules), and the result's round trip through
-the object store.
+includes joining the cluster, shipping the project (working_dir, py_modules), the job's first Ray worker process
+(its warm fork server is reused by the targets after the first), and the result's round trip (inline here: the
+artifacts are smaller than a chunk).
 """
 
 from __future__ import annotations

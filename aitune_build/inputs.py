@@ -12,6 +12,11 @@ VARIANTS = ("min", "opt", "max")
 
 
 def concrete_shape(spec: InputSpec, which: str) -> tuple[int, ...]:
+    """min, opt or max of each dynamic axis; "trace": the example torch.export traces with — opt, except that a
+    dynamic axis whose opt is 1 gets 2 (where max allows): an example of size 1 makes torch.export specialise the
+    axis to 1 ("You marked batch as dynamic but your code specialized it to be a constant (1)")."""
+    if which == "trace":
+        return tuple((d.opt if d.opt != 1 or d.max < 2 else 2) if isinstance(d, Axis) else d for d in spec.shape)
     return tuple(getattr(d, which) if isinstance(d, Axis) else d for d in spec.shape)
 
 

@@ -92,3 +92,18 @@ def test_loaded_export_program_skips_torch_wrapper_and_checks_shapes(built_proje
         m.fn(x=torch.randn(9, 4))  # ProgramCall's own, for callers below load()
     with pytest.raises(ValueError, match=r"input 'x' has shape \[2, 5\]"):
         m(torch.randn(2, 5))
+
+
+def test_a_dynamic_axis_whose_opt_is_1_exports_dynamic(project: Path) -> None:
+    """opt = 1 is the common serving shape (one request at a time); torch.export specialises an axis to 1 when its
+    example has size 1, so the build traced with opt used to fail ("specialized it to be a constant (1)")."""
+    import torch
+
+    import aitune_build
+
+    toml = project / "aitune.toml"
+    toml.write_text(toml.read_text().replace("min = 1, opt = 4, max = 8", "min = 1, opt = 1, max = 8"))
+    code, out, _ = run_cli(project, "build", "mlp_export")
+    assert code == 0, out
+    m = aitune_build.load("mlp_export", manifest=str(toml))
+    assert [m(torch.randn(b, 4)).shape[0] for b in (1, 3, 8)] == [1, 3, 8]

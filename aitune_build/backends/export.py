@@ -20,7 +20,7 @@ def export_program(module: Any, ctx: BuildContext, strict: bool = False) -> Any:
     from ..inputs import export_dynamic_shapes
 
     return torch.export.export(
-        module, args=(), kwargs=ctx.example("opt"), dynamic_shapes=export_dynamic_shapes(ctx.inputs), strict=strict
+        module, args=(), kwargs=ctx.example("trace"), dynamic_shapes=export_dynamic_shapes(ctx.inputs), strict=strict
     )
 
 

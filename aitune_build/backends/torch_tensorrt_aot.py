@@ -58,7 +58,7 @@ class TorchTensorRTAotBackend(Backend):
         module = ctx.source_module()
         if plan.cast:
             module = module.to(getattr(torch, plan.cast))
-        example = trt.cast_inputs(ctx.example("opt"), plan.cast)
+        example = trt.cast_inputs(ctx.example("trace"), plan.cast)
         dynamic = export_dynamic_shapes(ctx.inputs)
         with ctx.phase("export"):
             ep = torch.export.export(module, args=(), kwargs=example, dynamic_shapes=dynamic, strict=False)

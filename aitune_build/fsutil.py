@@ -45,10 +45,19 @@ def mkdtemp(prefix: str, dir: Path | None) -> Path:
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
-    import tempfile
-
+    """A new file beside PATH, created exclusively (as tempfile.mkstemp does, without importing tempfile: 15 ms of
+    a no-op build's start-up), then given the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {path}")
     try:
         os.fchmod(fd, file_mode())
     except BaseException:

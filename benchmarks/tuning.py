@@ -177,11 +177,12 @@ def bench_model(workdir: Path, model: str, device: str, repeats: int, ref_second
     best = ranked[0]
     out["independent"] = {"latency_ms_b1": ref_lat, "rounds": ref["rounds"], "best": best,
                           "top_two_gap": round(ref_lat[ranked[1]] / ref_lat[best] - 1, 4) if len(ranked) > 1 else None}
-    quality = [ref_lat[w] / ref_lat[best] for w in [first["winner"], *winners]]
-    mode = max(set(winners), key=winners.count)
+    every = [first["winner"], *winners]  # the first build's selection and each --retune: all measured afresh
+    quality = [ref_lat[w] / ref_lat[best] for w in every]
+    mode = max(set(every), key=every.count)
     out["quality"] = {"median": round(statistics.median(quality), 4), "worst": round(max(quality), 4)}
-    out["consistency"] = {"most_frequent": mode, "count": winners.count(mode), "of": len(winners),
-                          "same_as_independent_best": winners.count(best)}
+    out["consistency"] = {"most_frequent": mode, "count": every.count(mode), "of": len(every),
+                          "same_as_independent_best": every.count(best), "retunes": len(winners)}
     return out
 
 

@@ -189,7 +189,9 @@ else:
     entry = RemoteCache(url, "read", ArtifactStore(pathlib.Path(out)), "bench").fetch(key)
     assert entry is not None
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "mib_s": int(size) / dt / 2**20, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": dt, "mib_s": int(size) / dt / 2**20, "peak_rss_mb": ru.ru_maxrss / 1024,
+                  "cpu_s": ru.ru_utime + ru.ru_stime}))
 """
 
 
@@ -240,6 +242,7 @@ def bench_big(weed: Weed, work: Path, gib: float, repeat: int) -> dict:
             ours.append(fetch_once("fetch", weed, prefix, key, work, s))
         rows[s] = {"raw_mib_s": statistics.median(r["mib_s"] for r in raw), "fetch_mib_s": statistics.median(r["mib_s"] for r in ours),
                    "raw_rss_mb": max(r["peak_rss_mb"] for r in raw), "fetch_rss_mb": max(r["peak_rss_mb"] for r in ours),
+                   "raw_cpu_s": statistics.median(r["cpu_s"] for r in raw), "fetch_cpu_s": statistics.median(r["cpu_s"] for r in ours),
                    "raw": raw, "fetch": ours}
     return {str(k): v for k, v in rows.items()}
 
@@ -278,15 +281,32 @@ def upload_project(root: Path) -> Path:
     return root
 
 
+def _cpu_of_children() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)  # the build process and its workers, once they have exited
+    return ru.ru_utime + ru.ru_stime
+
+
+def _cpu_of_pid(pid: int) -> float:
+    """CPU seconds of the process tree's root (the weed server runs its parts as threads of one process)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_upload(weed: Weed, work: Path, repeat: int) -> dict:
     origin = upload_project(work / "upl-origin") if not (work / "upl-origin").exists() else work / "upl-origin"
     on, off, up_bytes = [], [], 0
+    cpu: dict[str, list[float]] = {"build_on": [], "build_off": [], "server_on": [], "server_off": []}
     for i in range(repeat):
         for mode in ("off", "on"):
             p = clone(origin, work / f"upl-{mode}")
             env = weed.env(f"upl-{time.time_ns()}")
             cmd = [PY, "-m", "aitune_build", "-C", str(p), "build", "-j", "2", "--json"] + (["--no-remote"] if mode == "off" else [])
+            c0, s0 = _cpu_of_children(), _cpu_of_pid(weed.proc.pid)
             dt, out = timed(cmd, env)
+            cpu[f"build_{mode}"].append(round(_cpu_of_children() - c0, 2))
+            cpu[f"server_{mode}"].append(round(_cpu_of_pid(weed.proc.pid) - s0, 2))
             doc = json.loads(out)
             assert doc["summary"]["built"] == 3, doc
             if mode == "on":
@@ -294,7 +314,8 @@ def bench_upload(weed: Weed, work: Path, repeat: int) -> dict:
                 up_bytes = doc["remote"]["bytes_up"]
             (on if mode == "on" else off).append(dt)
     return {"on_s": on, "off_s": off, "on_median_s": statistics.median(on), "off_median_s": statistics.median(off),
-            "ratio": statistics.median(on) / statistics.median(off), "bytes_uploaded_per_build": up_bytes}
+            "ratio": statistics.median(on) / statistics.median(off), "bytes_uploaded_per_build": up_bytes,
+            "cpu_s": cpu}  # the build process tree's CPU and the local S3 server's, per build
 
 
 def main() -> None:
@@ -323,10 +344,11 @@ def main() -> None:
             doc["big"] = bench_big(weed, work, args.gib, args.repeat)
             for size, r in doc["big"].items():
                 print(f"| {int(size) >> 20} MiB | raw {r['raw_mib_s']:.0f} MiB/s | fetch+verify {r['fetch_mib_s']:.0f} MiB/s "
-                      f"({r['fetch_mib_s'] / r['raw_mib_s']:.0%}) | RSS raw {r['raw_rss_mb']:.0f} MB, fetch {r['fetch_rss_mb']:.0f} MB |")
+                      f"({r['fetch_mib_s'] / r['raw_mib_s']:.0%}) | RSS raw {r['raw_rss_mb']:.0f} MB, fetch {r['fetch_rss_mb']:.0f} MB "
+                      f"| CPU raw {r['raw_cpu_s']:.2f} s, fetch {r['fetch_cpu_s']:.2f} s |")
         if "upload" in only:
             doc["upload"] = u = bench_upload(weed, work, max(1, min(args.repeat, 3)))
-            print(f"| uploads on {u['on_median_s']:.2f} s | off {u['off_median_s']:.2f} s | ratio {u['ratio']:.3f} |")
+            print(f"| uploads on {u['on_median_s']:.2f} s | off {u['off_median_s']:.2f} s | ratio {u['ratio']:.3f} | CPU {u['cpu_s']} |")
     finally:
         weed.stop()
         shutil.rmtree(weed_dir, ignore_errors=True)

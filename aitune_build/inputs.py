@@ -12,12 +12,36 @@ VARIANTS = ("min", "opt", "max")
 
 
 def concrete_shape(spec: InputSpec, which: str) -> tuple[int, ...]:
-    """min, opt or max of each dynamic axis; "trace": the example torch.export traces with — opt, except that a
-    dynamic axis whose opt is 1 gets 2 (where max allows): an example of size 1 makes torch.export specialise the
-    axis to 1 ("You marked batch as dynamic but your code specialized it to be a constant (1)")."""
-    if which == "trace":
-        return tuple((d.opt if d.opt != 1 or d.max < 2 else 2) if isinstance(d, Axis) else d for d in spec.shape)
     return tuple(getattr(d, which) if isinstance(d, Axis) else d for d in spec.shape)
+
+
+def trace_shapes(specs: list[InputSpec]) -> dict[str, tuple[int, ...]]:
+    """The example torch.export traces with ("trace"): opt, except that a dynamic axis whose opt is 1 gets the
+    smallest size from 2 to its max that no other axis has. An example of size 1 makes torch.export specialise the
+    axis to 1 ("You marked batch as dynamic but your code specialized it to be a constant (1)"), and a size another
+    axis has would let it unify the two (duck shaping). Axes sharing a `dim` name get one size."""
+    def dim_of(spec: InputSpec, i: int, d: Axis) -> object:
+        return d.dim or (spec.name, i)
+
+    used = {d.opt if isinstance(d, Axis) else d for s in specs for d in s.shape
+            if not (isinstance(d, Axis) and d.opt == 1 and d.max >= 2)}
+    chosen: dict[object, int] = {}
+    out: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        shape = []
+        for i, d in enumerate(spec.shape):
+            if not isinstance(d, Axis):
+                shape.append(d)
+            elif d.opt != 1 or d.max < 2:
+                shape.append(d.opt)
+            else:
+                key = dim_of(spec, i, d)
+                if key not in chosen:
+                    chosen[key] = next((v for v in range(2, d.max + 1) if v not in used), 2)
+                    used.add(chosen[key])
+                shape.append(chosen[key])
+        out[spec.name] = tuple(shape)
+    return out
 
 
 def variants(specs: list[InputSpec]) -> tuple[str, ...]:
@@ -28,8 +52,9 @@ def variants(specs: list[InputSpec]) -> tuple[str, ...]:
 def make_inputs(specs: list[InputSpec], which: str, *, seed: int, root: Path, device: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
+    traced = trace_shapes(specs) if which == "trace" else None
     for spec in specs:
-        shape = concrete_shape(spec, which)
+        shape = traced[spec.name] if traced is not None else concrete_shape(spec, which)
         dtype = getattr(torch, spec.dtype)
         if spec.sample is not None:
             t = _fit(torch.load(root / spec.sample, weights_only=True), shape).to(dtype)

@@ -221,11 +221,19 @@ class RayRunner(Runner):
         gen = self._submit(_send_chunks, options, outbox, names, chunk_bytes())
         if gen is None:
             return "cancelled"
+        problem: str | None = "interrupted"
         try:
-            return _receive_chunks((self.ray.get(ref) for ref in gen), digests, folder)
+            problem = _receive_chunks((self.ray.get(ref) for ref in gen), digests, folder)
+            return problem
         except self.ray.exceptions.RayError as e:
-            return f"node {result['node']} could not send it: {_first_line(e)}"
+            problem = f"node {result['node']} could not send it: {_first_line(e)}"
+            return problem
         finally:
+            if problem is not None:  # stopped reading early: end the sender, whose finally removes the outbox
+                try:
+                    self.ray.cancel(gen, force=False)
+                except Exception:  # noqa: BLE001  (finished already)
+                    pass
             self._done(gen)
 
     def cancel(self) -> None:
@@ -250,10 +258,15 @@ def _upload_spec(project: Project, backend: Any, entry: tuple[str, dict[str, Any
     """Where the node uploads the entry: the project's remote when it is read-write and reachable, else None."""
     from .remote import configured
 
+    from .remote import redact
+
     remote = project.remote
     if remote is None or not remote.writable or not remote.available:
         return None
-    return {"url": configured(project)[0], "project": project.manifest.model.project.name, "key": entry[0],
+    url = configured(project)[0]
+    if url is None or redact(url) != url:
+        return None  # userinfo or a signed query in the URL: a secret, never put into Ray task arguments (chunks instead)
+    return {"url": url, "project": project.manifest.model.project.name, "key": entry[0],
             "comps": entry[1], "artifact": backend.artifact}
 
 
@@ -418,6 +431,7 @@ def _build_on_node(job: NodeJob) -> dict[str, Any]:
                     outcome["transfer"] = "chunks"
                     outcome["outbox"] = str(tmp)  # _send_chunks streams it and removes it
                     keep = True
+                    os.utime(tmp)  # its age for the orphan sweep counts from now, not from the build's start
         outcome["log"] = log.read_bytes() if log.exists() else b""
         return outcome
     finally:
@@ -469,6 +483,8 @@ def _upload(job: NodeJob, artifact_dir: Path, digests: dict[str, dict[str, Any]]
         remote.upload_now(Entry(key=spec["key"], path=artifact_dir, files=digests, meta=meta), job.target)
     except Outage as e:
         return said[0] if said else str(e)
+    except Exception as e:  # noqa: BLE001  (no obstore on this node, ...): the artifact comes back in chunks instead
+        return _first_line(e)
     return None
 
 

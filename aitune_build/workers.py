@@ -403,8 +403,12 @@ def serve(fd: int, preload: list[str], late: list[str] = ()) -> int:
             if rid is not None and not closing:
                 try:
                     send({"id": rid, "rc": os.waitstatus_to_exitcode(status)})
-                except OSError:
+                except OSError:  # the build process is gone: as at EOF, nothing of ours may outlive it
                     closing = True
+                    for cpid in children:
+                        _kill(cpid)
+                    reaping.update(spid for spid, _ in spares.values())
+                    kill_spares()
         if closing or sock not in readable:
             continue
         data = sock.recv(65536)
@@ -509,6 +513,9 @@ def _spare(env: dict[str, str], late: list[str], jobs: int, sock: Any, *fds: int
         with open(req["log"], "ab") as logf:
             logf.write(note.encode() + early)
     except BaseException:
+        import traceback
+
+        traceback.print_exc()  # into the spare's temp output, or the server's stderr before the redirect
         return 1
     return _child(req, time.time())
 

@@ -102,8 +102,25 @@ def test_a_dynamic_axis_whose_opt_is_1_exports_dynamic(project: Path) -> None:
     import aitune_build
 
     toml = project / "aitune.toml"
-    toml.write_text(toml.read_text().replace("min = 1, opt = 4, max = 8", "min = 1, opt = 1, max = 8"))
-    code, out, _ = run_cli(project, "build", "mlp_export")
+    text = toml.read_text().replace("min = 1, opt = 4, max = 8", "min = 1, opt = 1, max = 8")
+    toml.write_text(text.replace("min = 1, opt = 3, max = 6", "min = 1, opt = 1, max = 6"))  # adder: x and y share dim n
+    code, out, _ = run_cli(project, "build", "mlp_export", "adder_export")
     assert code == 0, out
     m = aitune_build.load("mlp_export", manifest=str(toml))
     assert [m(torch.randn(b, 4)).shape[0] for b in (1, 3, 8)] == [1, 3, 8]
+    add = aitune_build.load("adder_export", manifest=str(toml))
+    assert [add(torch.ones(n), torch.ones(n)).shape[0] for n in (1, 2, 6)] == [1, 2, 6]
+
+
+def test_trace_shapes_avoid_1_and_sizes_other_axes_have() -> None:
+    """Duck shaping: a traced size equal to another axis's would let torch.export unify the two axes."""
+    from aitune_build.inputs import trace_shapes
+    from aitune_build.manifest import Axis, InputSpec
+
+    def spec(name, *shape):
+        return InputSpec(name=name, shape=shape, dtype="float32", range=None, sample=None)
+
+    got = trace_shapes([spec("x", Axis(min=1, opt=1, max=8, dim="batch"), 2, Axis(min=1, opt=3, max=9, dim="seq")),
+                        spec("m", Axis(min=1, opt=1, max=8, dim="batch"), Axis(min=1, opt=1, max=9, dim=None)),
+                        spec("one", Axis(min=1, opt=1, max=1, dim=None))])
+    assert got == {"x": (4, 2, 3), "m": (4, 5), "one": (1,)}

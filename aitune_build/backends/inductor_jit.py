@@ -45,4 +45,7 @@ class InductorJitBackend(Backend):
 
     def load(self, ctx: BuildContext):
         compile_cache.restore(ctx.artifact_dir)
-        return compile_cache.NoGradCall(compile_cache.MarkDynamic(self._compile(ctx), ctx.inputs))
+        compiled = self._compile(ctx)
+        if self.config.dynamic_shapes is False:  # the user asked for shape-specialised graphs: no marks
+            return compile_cache.NoGradCall(compiled)
+        return compile_cache.NoGradCall(compile_cache.MarkDynamic(compiled, ctx.inputs))

@@ -69,7 +69,9 @@ class TorchTensorRTJitBackend(Backend):
             return torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
                                  dynamic=self.config.dynamic_shapes, options=options)
 
-        warm = _ColdOnFailure(compiled, bool(restored) or self.config.engine_cache)
+        engines = ctx.artifact_dir / ENGINE_CACHE
+        stored = bool(restored) or (self.config.engine_cache and engines.is_dir() and any(engines.iterdir()))
+        warm = _ColdOnFailure(compiled, stored)  # the build's own check starts cold: nothing to fall back from
         # No MarkDynamic here: torch_tensorrt names a dynamic input by its Dynamo source's local_name, which inputs
         # marked outside the compiled frame (DictGetItemSource) lack; dynamic_shapes decides instead.
         fn = compile_cache.NoGradCall(trt.CastingCall(warm, plan.cast))
@@ -90,24 +92,32 @@ class _ColdOnFailure:
     compiled again without them, once, with a warning: a warm start is an optimisation, never a reason to fail."""
 
     def __init__(self, make: Any, warm: bool):
+        import threading
+
         self.make, self.warm = make, warm
         self.fn = make(warm)
         self.first = True
+        self._lock = threading.Lock()  # one first call: two threads must not both fall back
 
     def __call__(self, **inputs: Any) -> Any:
         if not self.first:
             return self.fn(**inputs)
-        try:
-            out = self.fn(**inputs)
-        except Exception as e:  # noqa: BLE001
-            if not self.warm:
-                raise
-            import sys
+        with self._lock:
+            if not self.first:
+                return self.fn(**inputs)
+            try:
+                out = self.fn(**inputs)
+            except Exception as e:  # noqa: BLE001
+                if not self.warm:
+                    raise
+                import sys
 
-            first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith(":")), "")
-            sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({type(e).__name__}: {first[:300]}); "
-                             "compiling without the stored caches\n")
-            self.fn = self.make(False)
-            out = self.fn(**inputs)
-        self.first = False
-        return out
+                self.warm = False
+                first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith(":")), "")
+                sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({type(e).__name__}: {first[:300]}); "
+                                 "compiling without the stored caches (other compiled graphs of this process recompile "
+                                 "at their next call)\n")
+                self.fn = self.make(False)
+                out = self.fn(**inputs)
+            self.first = False
+            return out

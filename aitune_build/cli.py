@@ -75,6 +75,11 @@ def _run(fn: Any) -> None:
     except UserError as e:
         click.echo(f"aitune-build: error: {e}", err=True)
         sys.exit(EXIT_USAGE)
+    except BrokenPipeError:  # `aitune-build graph | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        sys.exit(0)
     except AituneError as e:
         click.echo(f"aitune-build: error: {e}", err=True)
         sys.exit(e.exit_code)

@@ -29,7 +29,7 @@ def _parse(argv: list[str]) -> tuple[str | None, str | None, int, bool, tuple[st
             manifest, i = a.split("=", 1)[1], i + 1
         elif not saw_build and a == "build":
             saw_build, i = True, i + 1
-        elif saw_build and a in ("-j", "--jobs") and i + 1 < len(argv) and argv[i + 1].isdigit():
+        elif saw_build and a in ("-j", "--jobs") and i + 1 < len(argv) and argv[i + 1].isdigit() and int(argv[i + 1]) >= 1:
             jobs, i = int(argv[i + 1]), i + 2
         elif saw_build and a in ("-k", "--keep-going"):
             keep_going, i = True, i + 1

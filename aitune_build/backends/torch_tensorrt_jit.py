@@ -57,20 +57,21 @@ class TorchTensorRTJitBackend(Backend):
         if plan.cast:
             module = module.to(getattr(torch, plan.cast))
 
+        engines = ctx.artifact_dir / ENGINE_CACHE
+        # Something to start warm from: restored compile caches, or engines a build stored. Nothing at the build's
+        # own check, which is what fills the engine cache; a finished output is not written to afterwards.
+        stored = bool(restored) or (self.config.engine_cache and engines.is_dir() and any(engines.iterdir()))
+
         def compiled(warm: bool) -> Any:
             options = dict(settings)
             if self.config.engine_cache:
                 # The engine cache only works with mutable weights; its key has no TensorRT or GPU version, which
                 # is why it lives inside this target's output, whose key has both.
-                options.update(immutable_weights=False, cache_built_engines=warm, reuse_cached_engines=warm,
-                               engine_cache_dir=str(ctx.artifact_dir / ENGINE_CACHE))
-            if not warm:
-                torch._dynamo.reset()  # forget the graphs (and restored caches' guards) of the warm attempt
+                options.update(immutable_weights=False, cache_built_engines=not stored, reuse_cached_engines=warm,
+                               engine_cache_dir=str(engines))
             return torch.compile(module, backend="torch_tensorrt", fullgraph=self.config.fullgraph,
                                  dynamic=self.config.dynamic_shapes, options=options)
 
-        engines = ctx.artifact_dir / ENGINE_CACHE
-        stored = bool(restored) or (self.config.engine_cache and engines.is_dir() and any(engines.iterdir()))
         warm = _ColdOnFailure(compiled, stored)  # the build's own check starts cold: nothing to fall back from
         # No MarkDynamic here: torch_tensorrt names a dynamic input by its Dynamo source's local_name, which inputs
         # marked outside the compiled frame (DictGetItemSource) lack; dynamic_shapes decides instead.
@@ -117,6 +118,9 @@ class _ColdOnFailure:
                 sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({type(e).__name__}: {first[:300]}); "
                                  "compiling without the stored caches (other compiled graphs of this process recompile "
                                  "at their next call)\n")
+                import torch
+
+                torch._dynamo.reset()  # forget the graphs (and restored caches' guards) of the warm attempt
                 self.fn = self.make(False)
                 out = self.fn(**inputs)
             self.first = False

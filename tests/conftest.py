@@ -162,3 +162,11 @@ def built_project(_built_template: Path, tmp_path: Path, monkeypatch: pytest.Mon
     root = tmp_path / "proj"
     shutil.copytree(_built_template, root, symlinks=True)
     return root
+
+
+def sigint_default() -> None:
+    """preexec_fn for a process a test interrupts with SIGINT: a shell that starts the suite as a background job
+    without job control (`.ci/run &`) hands every child SIGINT ignored, and Python keeps an ignored SIGINT ignored."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

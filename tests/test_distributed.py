@@ -28,7 +28,7 @@ from aitune_build.hashing import StateCache
 from aitune_build.keys import Fingerprinter, key_of
 from aitune_build.manifest import load_manifest
 
-from .conftest import run_cli
+from .conftest import run_cli, sigint_default
 from .test_gpus import H100, fake_smi, uuid
 from .test_remote import CREDS, remote_objects, s3  # noqa: F401 - s3: the SeaweedFS fixture
 
@@ -385,7 +385,7 @@ def test_ctrl_c_cancels_outstanding_tasks(tmp_path: Path, ray_env) -> None:
     root = _project(tmp_path / "p", tmp_path / "marks", {"w": "ref { i = 1, wait_for_peer = true }"})  # waits forever
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(root), "build", "--executor", "ray"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=sigint_default)
     marks = tmp_path / "marks"
     deadline = time.time() + 300
     while not (marks / "started-1").exists():

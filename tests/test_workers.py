@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import run_cli, sigint_default
 from .test_tensorrt import gpu_project, needs_gpu  # noqa: F401  (the GPU project fixture)
 
 CRASH = "import os, signal\n\n\ndef build():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
@@ -136,7 +136,7 @@ def test_ctrl_c_stops_the_build_promptly_kills_the_worker_and_stores_nothing(pro
     mark = tmp_path / "mark"
     env = {**os.environ, "AITUNE_TEST_MARK": str(mark), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(project), "build", "sleepy_export"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=sigint_default)
     try:
         deadline = time.monotonic() + 180
         while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline and proc.poll() is None:

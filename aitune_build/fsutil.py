@@ -44,7 +44,7 @@ def mkdtemp(prefix: str, dir: Path | None) -> Path:
     return path
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
+def temp_beside(path: Path) -> tuple[int, str]:
     """A new file beside PATH, created exclusively (as tempfile.mkstemp does, without importing tempfile: 15 ms of
     a no-op build's start-up), then given the umask's mode."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +69,7 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = _temp_beside(path)
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -88,7 +88,7 @@ def atomic_write_json(path: Path, obj: object) -> None:
 def atomic_copy(src: Path, dst: Path) -> None:
     import shutil
 
-    fd, tmp = _temp_beside(dst)
+    fd, tmp = temp_beside(dst)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)

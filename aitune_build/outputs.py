@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .faults import checkpoint
-from .fsutil import _temp_beside, atomic_write_json, read_json
+from .fsutil import temp_beside, atomic_write_json, read_json
 from .hashing import StateCache, hash_file
 
 BUILD_FORMAT = 1
@@ -103,7 +103,7 @@ def materialise(folder: Path, source: Path, files: dict[str, dict[str, Any]], re
         for name, want in files.items():
             dst = folder / name
             dst.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = _temp_beside(dst)  # mode from the umask, not mkstemp's 0600 (a team reads these outputs)
+            fd, tmp = temp_beside(dst)  # mode from the umask, not mkstemp's 0600 (a team reads these outputs)
             os.close(fd)
             staged.append((tmp, name))
             shutil.copyfile(source / name, tmp)

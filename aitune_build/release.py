@@ -28,6 +28,7 @@ from typing import Any, BinaryIO
 
 from .errors import UserError
 from .faults import checkpoint
+from .fsutil import temp_beside
 from .lockfile import LOCK_FORMAT, LOCK_NAME, entry_for, render
 from .outputs import read_record
 from .plan import select
@@ -156,8 +157,6 @@ def _is_release(path: Path) -> bool:
 def write_archive(project: Project, targets: list[str], output: Path, candidates: bool = False) -> str:
     """Write the archive (streaming) and return its sha256. Each artifact's bytes are checked against its build.json
     on the way in; a mismatch leaves nothing behind."""
-    import tempfile
-
     output = Path(output)
     _check_output(output)
     small, big = _plan(project, targets, candidates)
@@ -173,7 +172,7 @@ def write_archive(project: Project, targets: list[str], output: Path, candidates
     dirs = sorted({str(PurePosixPath(p).parent) for p in [*small, *big]} - {"."} | {"targets"})
     entries = sorted([(d, "dir") for d in dirs] + [(p, "small") for p in small] + [(p, "big") for p in big])
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(output)  # the umask's mode from the start
     try:
         with os.fdopen(fd, "wb") as raw:
             out = _Hashing(dst=raw)
@@ -201,9 +200,6 @@ def write_archive(project: Project, targets: list[str], output: Path, candidates
                                                 f"modified; run `aitune-build build --force {path.split('/')[1]}`")
             raw.flush()
             os.fsync(raw.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         checkpoint("package-replace")
         os.replace(tmp, output)
     except BaseException:

@@ -187,6 +187,9 @@ def test_record_writes_a_manifest_that_builds_covers_the_traffic_and_serves(tmp_
     assert proc.returncode == 0, proc.stderr
     text = (project / "aitune.toml").read_text()
     assert text.startswith('[project]\nname = "rec"  # a comment record keeps\n')
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (project / "aitune.toml").stat().st_mode & 0o777 == 0o666 & ~umask  # the umask's mode, not mkstemp's 0600
     import tomllib
 
     m = tomllib.loads(text)

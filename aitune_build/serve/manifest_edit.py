@@ -363,11 +363,10 @@ def _module_name(modules: dict[str, Any], rec: Recorded, manifest: Path, data: d
 
 
 def _write_checked(path: Path, text: str) -> None:
-    import tempfile
-
+    from ..fsutil import temp_beside
     from ..manifest import load_manifest
 
-    fd, tmp = tempfile.mkstemp(dir=path.resolve().parent, prefix=f".{path.name}.", suffix=".toml")
+    fd, tmp = temp_beside(path.resolve())  # the umask's mode: mkstemp's 0600 would replace aitune.toml's own
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

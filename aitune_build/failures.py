@@ -19,6 +19,16 @@ def first_line(message: str) -> str:
     return message.strip().splitlines()[0] if message.strip() else ""
 
 
+def summary(exc: BaseException, limit: int = 500) -> str:
+    """The exception's type and its first line that says something: torch's BackendCompilerFailed puts the cause on
+    its second line ("backend='torch_tensorrt' raised:" then the real error), so a line ending in ':' takes the next."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:
+        text += " " + lines[1]
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
 def bounded(message: str, limit: int = DETAIL_LINES, more: str = "") -> list[str]:
     """The first line, then at most `limit` lines of detail (long lines cut), then how much was left out."""
     lines = [ln.rstrip() for ln in message.strip().splitlines()]

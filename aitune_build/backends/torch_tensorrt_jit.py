@@ -114,8 +114,9 @@ class _ColdOnFailure:
                 import sys
 
                 self.warm = False
-                first = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.strip().endswith(":")), "")
-                sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({type(e).__name__}: {first[:300]}); "
+                from ..failures import summary
+
+                sys.stderr.write(f"aitune-build: torch_tensorrt_jit: the warm start failed ({summary(e, 300)}); "
                                  "compiling without the stored caches (other compiled graphs of this process recompile "
                                  "at their next call)\n")
                 import torch

@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from ..failures import summary
 from .bootstrap import NOT_SERVED, WARNINGS, warn
 
 _STATE = "_aitune_serving"  # per instance, in its __dict__: the ServedTarget it calls, or None for eager
@@ -132,7 +133,7 @@ class ServedTarget:
                     self.fn = getattr(loaded, "fn", loaded)  # the backend's callable: inputs are bound by name here
                     self.status = "serving"
                 except Exception as e:  # noqa: BLE001
-                    self.fail(f"cannot load the artifact ({_summary(e)})", e)
+                    self.fail(f"cannot load the artifact ({summary(e)})", e)
         return self.fn is not None
 
     def fail(self, why: str, error: BaseException | None = None) -> None:
@@ -372,7 +373,7 @@ class ServedForward:
         try:
             out = target.fn(**inputs)
         except Exception as e:  # noqa: BLE001
-            target.fail(f"the artifact raised {_summary(e)}", e)
+            target.fail(f"the artifact raised {summary(e)}", e)
             return original(module, *args, **kwargs)
         finally:
             _inside.active = False
@@ -410,16 +411,6 @@ class _Unmatched:
         for t in self.targets:
             t.eager_calls += 1
             t.eager_reasons[self.kind] = t.eager_reasons.get(self.kind, 0) + 1
-
-
-def _summary(e: BaseException) -> str:
-    """The exception's type and its first lines that say something (torch's BackendCompilerFailed puts the cause on
-    its second line: "backend='torch_tensorrt' raised:" then the real error)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    if text.endswith(":") and len(lines) > 1:
-        text += " " + lines[1]
-    return f"{type(e).__name__}: {text[:500]}"
 
 
 def _uncast(out: Any, dtype: Any) -> Any:

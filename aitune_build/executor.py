@@ -184,7 +184,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     results: dict[str, TargetResult] = {}
     if runner is None:
         runner = LocalRunner(project, options.jobs)
-        runner.kinds = {man.backends[b].kind for n in order for b in (man.targets[n].candidates or [man.targets[n].backend])}
+        runner.kinds = _kinds(man, order)
     # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
     # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
     extra, gate = 0, None
@@ -217,8 +217,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
     pending = list(order)
-    runner.pending_kinds = lambda: {man.backends[b].kind for n in list(pending)
-                                    for b in (man.targets[n].candidates or [man.targets[n].backend])}
+    runner.pending_kinds = lambda: _kinds(man, list(pending))
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
@@ -281,6 +280,11 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
         runner.close()
         project.finish_uploads()  # remote uploads overlap the build and end before it returns
     return [results[n] for n in order]  # the project is its opener's to close
+
+
+def _kinds(man: Any, names: list[str]) -> set[str]:
+    """The backend kinds these targets build with (a tuned target's: its candidates')."""
+    return {man.backends[b].kind for n in names for b in (man.targets[n].candidates or [man.targets[n].backend])}
 
 
 def _gpu_bound(man: Any, name: str, known: dict[tuple[str, ...], bool] | None = None) -> bool:

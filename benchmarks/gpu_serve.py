@@ -68,7 +68,12 @@ APP = textwrap.dedent("""
         half = model.half()  # fp16 as our target: on torch_tensorrt >= 2.10 one casts the module (see README)
         inp = torch_tensorrt.Input(min_shape=(1, 3, 224, 224), opt_shape=(1, 3, 224, 224), max_shape=(8, 3, 224, 224),
                                    dtype=torch.float16)
-        compiled = torch_tensorrt.compile(half, ir="dynamo", inputs=[inp])
+        # torch_tensorrt.compile(half, inputs=[inp]) exports with the opt shape, and batch 1 specialises the axis;
+        # so, as the build does, export with an example of batch 2 and compile that program for min/opt/max.
+        ex = torch.randn(2, 3, 224, 224, device="cuda", dtype=torch.float16)
+        batch = torch.export.Dim("batch", min=1, max=8)
+        ep = torch.export.export(half, (ex,), dynamic_shapes=({0: batch},), strict=False)
+        compiled = torch_tensorrt.dynamo.compile(ep, arg_inputs=[inp])
         run = lambda t: compiled(t.half()).float()
     else:
         run = model

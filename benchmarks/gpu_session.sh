@@ -2,7 +2,8 @@
 # One GPU session's work, in phases that each fit one 10-minute command of the device tool (see
 # ../shared/gpu/README.md for installing torch-tensorrt-rtx first). Results and logs go to $OUT (default ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh tests      # GPU 0: pytest -m gpu (one-GPU tests) | GPU 1: tuning benchmark
+#   bash benchmarks/gpu_session.sh tests      # GPU 0: pytest -m gpu (one-GPU tests) | GPU 1: tuning benchmark, cnn
+#   bash benchmarks/gpu_session.sh serve      # GPU 0: tuning benchmark, encoder     | GPU 1: benchmarks/gpu_serve.py
 #   bash benchmarks/gpu_session.sh retest     # GPU 0: the failed GPU tests again    | GPU 1: tuning benchmark
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
 #   bash benchmarks/gpu_session.sh warm       # GPU 0: benchmarks/gpu_warm.py       | GPU 1: benchmarks/gpu_serve.py
@@ -21,9 +22,18 @@ tests)
   (CUDA_VISIBLE_DEVICES=0 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
       tests/test_workers.py tests/test_serve_gpu.py tests/test_tuning_gpu.py >"$OUT/gpu-tests.log" 2>&1
    echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests.log") &
-  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/tuning.py --device cuda --model cnn --model encoder \
-      --repeats 10 --ref-seconds 5 --budget-s 300 --out "$OUT/tuning-gpu.json" >"$OUT/tuning-gpu.log" 2>&1
-   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/tuning.py --device cuda --model cnn \
+      --repeats 9 --ref-seconds 5 --budget-s 370 --out "$OUT/tuning-gpu-cnn.json" >"$OUT/tuning-gpu-cnn.log" 2>&1
+   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu-cnn.log") &
+  wait
+  ;;
+serve)  # the first build + 9 --retune selections = the 10 fresh selections of issue 14's consistency goal
+  (CUDA_VISIBLE_DEVICES=0 timeout 480 $py benchmarks/tuning.py --device cuda --model encoder \
+      --repeats 9 --ref-seconds 5 --budget-s 370 --out "$OUT/tuning-gpu-encoder.json" >"$OUT/tuning-gpu-encoder.log" 2>&1
+   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu-encoder.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/gpu_serve.py --phase all --repeats 3 --compiled-repeats 2 \
+      --blocks 20 --out "$OUT/gpu-serve.json" >"$OUT/gpu-serve.log" 2>&1
+   echo "gpu_serve exit $? at $(stamp)" >>"$OUT/gpu-serve.log") &
   wait
   ;;
 retest)  # the GPU tests that failed in a `tests` phase, and the tuning benchmark beside them
@@ -50,7 +60,7 @@ warm)
   wait
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|retest|multi|warm" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm" >&2
   exit 2
   ;;
 esac

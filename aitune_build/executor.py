@@ -32,6 +32,8 @@ BUILT, CACHED, FAILED, SKIPPED = Status.BUILT, Status.CACHED, Status.FAILED, Sta
 
 @dataclass
 class BuildOptions:
+    """How to build: the command line's options."""
+
     jobs: int = 1  # CPU targets at a time; GPU targets run one per usable GPU (gpus.py)
     keep_going: bool = False
     force: bool = False
@@ -47,6 +49,8 @@ class NeedsWork(Exception):
 
 @dataclass
 class TargetResult:
+    """What happened to one target in this run (one line of the report, one entry of --json)."""
+
     name: str
     status: Status
     key: str | None = None

@@ -31,6 +31,8 @@ def test_gpu_bound(kind: str) -> bool:
 
 @dataclass(frozen=True)
 class Gpu:
+    """One GPU as nvidia-smi names it."""
+
     index: str  # nvidia-smi's index
     uuid: str
     name: str

@@ -22,6 +22,8 @@ _REMOTE_OPEN = threading.Lock()
 
 @dataclass
 class Project:
+    """An opened project: its manifest, cache, state file and key computer."""
+
     manifest: LoadedManifest
     cache_dir: Path
     state: StateCache

@@ -102,6 +102,8 @@ class CorruptEntry(UserWarning):
 
 @dataclass(frozen=True)
 class Entry:
+    """One entry of the content-addressed store: its files' digests and its build record."""
+
     key: str
     path: Path
     files: dict[str, dict[str, Any]]  # name -> {"size", "xxh3", "sha256"}

@@ -2,6 +2,9 @@
 
     python benchmarks/noop.py [--sizes 10 100 1000] [--repeat 15] [--no-hash]
 
+"no-op build" is `python -m aitune_build`; the installed `aitune-build` command (a console script next to the
+interpreter, importing the fast path directly, without runpy) is timed beside it when present.
+
 Generates a manifest of N eager targets (eager builds are the cheapest real builds), builds it once, then times
 whole-process `aitune-build build` runs that find everything up to date (median of --repeat). Side by side, as
 baselines: the bare interpreter (`python -c pass`, the floor of any Python tool) and `make` on a Makefile of the same
@@ -75,8 +78,11 @@ def main() -> None:
                     help="identical targets (one key): the first build compiles once and restores the rest")
     args = ap.parse_args()
     print(f"machine: {platform.node()} {platform.machine()} {os.cpu_count()} cores, Python {platform.python_version()}")
-    print("| targets | first build (s) | no-op build median (s) | python -c pass (s) | make no-op (s) | no-op / python | (no-op − python) / targets (ms) | click path (s) | click / python |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # the installed command (what users run: the console script imports quick.py directly), beside `python -m`
+    script = Path(sys.executable).with_name("aitune-build")
+    print(f"`aitune-build` command: {script if script.exists() else 'not installed next to this python: column empty'}")
+    print("| targets | first build (s) | no-op build median (s) | python -c pass (s) | make no-op (s) | no-op / python | (no-op − python) / targets (ms) | click path (s) | click / python | aitune-build command (s) | command / python |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         root = project(Path(tempfile.mkdtemp()) / "p", n, args.shared_key)
         cmd = [sys.executable, "-m", "aitune_build", "-C", str(root), "build", "-j", "2"]
@@ -88,15 +94,19 @@ def main() -> None:
         # the same build through the click CLI, past the no-op fast path of `python -m aitune_build` (quick.py)
         click_cmd = [sys.executable, "-c", "from aitune_build.cli import main; main(prog_name='aitune-build')", *cmd[3:]]
         timed(cmd), timed(make)
-        ours, floor, makes, clicks = [], [], [], []
+        script_cmd = [str(script), *cmd[3:]] if script.exists() else None
+        ours, floor, makes, clicks, scripts = [], [], [], [], []
         for _ in range(args.repeat):
             ours.append(timed(cmd))
             floor.append(timed([sys.executable, "-c", "pass"]))
             makes.append(timed(make))
             clicks.append(timed(click_cmd))
+            if script_cmd:
+                scripts.append(timed(script_cmd))
         noop, py, mk, ck = statistics.median(ours), statistics.median(floor), statistics.median(makes), statistics.median(clicks)
+        sc = f"{statistics.median(scripts):.3f} | {statistics.median(scripts) / py:.1f}×" if scripts else " | "
         print(f"| {n} | {first:.1f} | {noop:.3f} | {py:.3f} | {mk:.3f} | {noop / py:.1f}× | {1000 * (noop - py) / n:.2f} "
-              f"| {ck:.3f} | {ck / py:.1f}× |", flush=True)
+              f"| {ck:.3f} | {ck / py:.1f}× | {sc} |", flush=True)
     if args.no_hash:
         return
 

@@ -8,10 +8,11 @@ For each model, in a fresh project and cache (plain python, no pytest; every bui
 1. first build: builds the candidates and measures them (time per candidate from selection.json);
 2. unchanged second build: its wall time, and whether anything was measured (selection.json byte-identical);
 3. `--repeats` fresh selections (`build --retune`: candidates cached, measured anew): the winners;
-4. an independent measurement afterwards: the same measuring process with no early stop, every candidate timed
-   for `--ref-seconds`, all interleaved. Quality = the independent latency of each selection's winner /
-   the independent best latency (goal <= 1.05); consistency = how many selections picked the most frequent winner
-   (goal >= 9 of 10 where the independent top two differ by >= 10 %).
+4. an independent measurement afterwards: the same measuring process with no early stop, run in
+   `--ref-processes` separate processes (each every candidate for --ref-seconds / that many, all interleaved),
+   combined as a selection combines its processes (median of the per-process medians). Quality = the independent
+   latency of each selection's winner / the independent best latency (goal <= 1.05); consistency = how many
+   selections picked the most frequent winner (goal >= 9 of 10 where the independent top two differ by >= 10 %).
 Results: JSON to --out, a summary on stdout.
 """
 
@@ -114,27 +115,32 @@ def selection(root: Path) -> dict:
     return json.loads((root / "build/t/selection.json").read_text())
 
 
-def independent(root: Path, backends: list[str], cap_s: float) -> dict:
-    """The measuring process of aitune_build.tune without early stop: every candidate timed for cap_s seconds."""
+def independent(root: Path, backends: list[str], cap_s: float, processes: int) -> dict:
+    """The measuring process of aitune_build.tune without early stop, run `processes` times (a process's OpenMP
+    regime moves all its latencies, so one process is no reference), each timing every candidate for
+    cap_s / processes seconds; combined as a selection combines its processes (median of per-process medians)."""
     sys.path.insert(0, str(ROOT))
     from aitune_build import tune
 
-    settings = {**tune.SETTINGS, "stable_rounds": 10 ** 6, "cap_s": cap_s}
+    settings = {**tune.SETTINGS, "stable_rounds": 10 ** 6, "cap_s": cap_s / processes}
     sel = selection(root)
-    with tempfile.TemporaryDirectory() as tmp:
-        job = {"manifest": str(root / "aitune.toml"), "target": "t", "batch": sel["batch"], "dynamic_batch": True,
-               "candidates": [{"id": b, "target": f"t@{b}", "device": {c["backend"]: c["device"] for c in sel["candidates"]}[b]}
-                              for b in backends],
-               "baselines": [], "strategy": "min_latency", "budget_ms": None, "min_speedup": None, "settings": settings,
-               "result": str(Path(tmp) / "result.json")}
-        (Path(tmp) / "job.json").write_text(json.dumps(job))
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-        subprocess.run([sys.executable, "-m", "aitune_build.tune", str(Path(tmp) / "job.json")], check=True, env=env,
-                       stdout=subprocess.DEVNULL)
-        return json.loads((Path(tmp) / "result.json").read_text())
+    device = {c["backend"]: c["device"] for c in sel["candidates"]}
+    job = {"manifest": str(root / "aitune.toml"), "target": "t", "batch": sel["batch"], "dynamic_batch": True,
+           "candidates": [{"id": b, "target": f"t@{b}", "device": device[b]} for b in backends],
+           "baselines": [], "strategy": "min_latency", "budget_ms": None, "min_speedup": None, "settings": settings}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    results = []
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "measure.log", "ab") as log:
+        for _ in range(processes):
+            got = tune.run_measuring_process(job, Path(tmp), env, log)
+            if got.get("failed"):
+                sys.exit(f"independent measurement failed:\n{(Path(tmp) / 'measure.log').read_text()}")
+            results.append(got)
+    return tune.combine(results)
 
 
-def bench_model(workdir: Path, model: str, device: str, repeats: int, ref_seconds: float, deadline: float) -> dict:
+def bench_model(workdir: Path, model: str, device: str, repeats: int, ref_seconds: float, ref_processes: int,
+                deadline: float) -> dict:
     root = project(workdir, model, device)
     out: dict = {"model": model}
     wall, data = cli(root, "build")
@@ -167,15 +173,19 @@ def bench_model(workdir: Path, model: str, device: str, repeats: int, ref_second
         sel = selection(root)
         winners.append(sel["winner"])
         per_run.append({"winner": sel["winner"], "rounds": sel["rounds"], "stable": sel["stable"],
-                        "measure_seconds": sel["measure_seconds"],
+                        "measure_seconds": sel["measure_seconds"], "processes": len(sel.get("processes", [])) or 1,
+                        "process_latency_ms_b1": {c["backend"]: c["latency_ms"].get("1", {}).get("process_medians")
+                                                  for c in sel["candidates"]},
                         "latency_ms_b1": {c["backend"]: c["latency_ms"].get("1", {}).get("median") for c in sel["candidates"]}})
     out["selections"] = per_run
     usable = [b for b, c in out["candidates"].items() if c["latency_ms"]]
-    ref = independent(root, usable, ref_seconds)
-    ref_lat = {b: e["batches"]["1"]["median"] for b, e in ref["entries"].items() if not e.get("error")}
+    ref = independent(root, usable, ref_seconds, ref_processes)
+    ref_ok = {b: e for b, e in ref["entries"].items() if not e.get("error")}
+    ref_lat = {b: e["batches"]["1"]["median"] for b, e in ref_ok.items()}
     ranked = sorted(ref_lat, key=ref_lat.get)
     best = ranked[0]
-    out["independent"] = {"latency_ms_b1": ref_lat, "rounds": ref["rounds"], "best": best,
+    out["independent"] = {"latency_ms_b1": ref_lat, "rounds": ref["rounds"], "best": best, "processes": ref_processes,
+                          "process_latency_ms_b1": {b: e["batches"]["1"]["process_medians"] for b, e in ref_ok.items()},
                           "top_two_gap": round(ref_lat[ranked[1]] / ref_lat[best] - 1, 4) if len(ranked) > 1 else None}
     every = [first["winner"], *winners]  # the first build's selection and each --retune: all measured afresh
     quality = [ref_lat[w] / ref_lat[best] for w in every]
@@ -209,19 +219,26 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--model", action="append", choices=sorted(MODELS), help="default: mlp, smallcnn (cpu); cnn, encoder (cuda)")
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--ref-seconds", type=float, default=10.0, help="independent measurement: seconds per candidate")
+    ap.add_argument("--ref-seconds", type=float, default=10.0,
+                    help="independent measurement: seconds per candidate, all its processes together")
+    ap.add_argument("--ref-processes", type=int, default=None,
+                    help="independent measurement: separate measuring processes (default: 5 on cpu, 3 on cuda)")
     ap.add_argument("--workdir", help="default: a temporary folder")
     ap.add_argument("--budget-s", type=float, default=400.0, help="start no new --retune selection after this many seconds")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     models = args.model or (["mlp", "smallcnn"] if args.device == "cpu" else ["cnn", "encoder"])
     t0 = time.perf_counter()
-    results = {"device": args.device, "machine": machine(args.device), "repeats": args.repeats, "models": []}
+    ref_processes = args.ref_processes if args.ref_processes is not None else (5 if args.device == "cpu" else 3)
+    if ref_processes < 1:
+        sys.exit("--ref-processes: must be at least 1")
+    results = {"device": args.device, "machine": machine(args.device), "repeats": args.repeats,
+               "ref_processes": ref_processes, "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         for model in models:
             deadline = t0 + args.budget_s * (len(results["models"]) + 1) / len(models)
-            r = bench_model(workdir, model, args.device, args.repeats, args.ref_seconds, deadline)
+            r = bench_model(workdir, model, args.device, args.repeats, args.ref_seconds, ref_processes, deadline)
             results["models"].append(r)
             print(f"{model}: winners {r['consistency']['count']}/{r['consistency']['of']} {r['consistency']['most_frequent']} "
                   f"(independent best {r['independent']['best']}, top-two gap {r['independent']['top_two_gap']}); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import tarfile
 import textwrap
 from pathlib import Path
@@ -206,6 +207,32 @@ def test_scores_by_strategy() -> None:
     assert st["spread"] == pytest.approx((4.0 - 2.0) / 3.0, abs=1e-4)
 
 
+def _process(rounds: int, **medians: float) -> dict:
+    """A measuring process's result as run_measurement returns it: candidate -> batch-1 median (ms)."""
+    entry = lambda ms: {"batches": {"1": {"median": ms, "p10": ms * 0.9, "p90": ms * 1.1, "spread": 0.1, "samples": 20}},
+                        "measure_s": 0.5, "warmup_s": 0.1, "error": None}  # noqa: E731
+    return {"entries": {k: entry(v) for k, v in medians.items()}, "baselines": {}, "rounds": rounds, "stable": True,
+            "seconds": 1.0}
+
+
+def test_processes_combine_by_the_median_of_their_medians() -> None:
+    # eager is fast in one process's thread regime and slow in two: one process alone would pick it
+    procs = [_process(5, eager=0.40, inductor=0.50), _process(6, eager=0.70, inductor=0.52), _process(7, eager=0.65, inductor=0.48)]
+    got = tune.combine(procs)
+    eager, inductor = got["entries"]["eager"]["batches"]["1"], got["entries"]["inductor"]["batches"]["1"]
+    assert eager["process_medians"] == [0.40, 0.70, 0.65] and eager["median"] == 0.65
+    assert inductor["median"] == 0.50 and eager["samples"] == 60
+    assert eager["process_spread"] == pytest.approx((0.70 - 0.40) / 0.65, abs=1e-4)
+    assert got["entries"]["eager"]["measure_s"] == 1.5 and got["rounds"] == 18 and len(got["processes"]) == 3
+    assert tune.ranking("min_latency", None, None, {k: {1: e["batches"]["1"]["median"]} for k, e in got["entries"].items()},
+                        {}, {}) == ["inductor", "eager"]
+    # a candidate that failed in any process is failed
+    procs[1]["entries"]["inductor"] = {"batches": {}, "measure_s": 0.0, "warmup_s": 0.0, "error": "RuntimeError: boom"}
+    assert tune.combine(procs)["entries"]["inductor"]["error"] == "RuntimeError: boom"
+    # CPU: at least two processes, the per-candidate cap shared among them; a GPU: one
+    assert tune.process_counts({"cpu"}) == (2, 3) and tune.process_counts({"cpu", "cuda"}) == (1, 1)
+
+
 # --- a selection over CPU candidates ----------------------------------------------------------------------------
 
 
@@ -230,6 +257,17 @@ def test_selection_measures_once_caches_pins_and_loads_the_winner(tmp_path: Path
         assert r["measure_s"] <= tune.SETTINGS["cap_s"] * 1.5  # one block past the cap at most
     best = min(by, key=lambda b: by[b]["latency_ms"]["1"]["median"])
     assert sel["winner"] == best and sel["rounds"] >= tune.SETTINGS["min_rounds"]
+    # measured in >= 2 separate processes; each candidate's latency is the median of its per-process medians
+    procs = sel["processes"]
+    assert tune.SETTINGS["processes"] <= len(procs) <= tune.SETTINGS["max_processes"], procs
+    assert all(p["rounds"] >= tune.SETTINGS["min_rounds"] and set(p["candidates"]) == set(by) for p in procs)
+    assert sum(p["rounds"] for p in procs) == sel["rounds"]
+    if len(procs) == tune.SETTINGS["processes"] < tune.SETTINGS["max_processes"]:  # stopped: the processes agreed
+        assert len({p["ranking"][0] for p in procs}) == 1
+    for r in by.values():
+        for st in r["latency_ms"].values():
+            assert len(st["process_medians"]) == len(procs)
+            assert st["median"] == pytest.approx(statistics.median(st["process_medians"]), abs=1e-6)
     assert sel["device"].startswith("cpu: ")
     rec = json.loads((root / "build/t/build.json").read_text())
     assert rec["winner"]["backend"] == best and rec["backend"] == by[best]["kind"]
@@ -392,12 +430,16 @@ def test_candidates_are_interleaved_round_by_round(tmp_path: Path, monkeypatch: 
     assert build(root)["code"] == 0
     lines = probe.read_text().split()
     pids = lines[0::2]
-    measuring = [i for p, i in zip(pids, lines[1::2]) if p == pids[-1]]  # the last process is the measuring one
-    assert len(set(measuring)) == 2
-    switches = sum(a != b for a, b in zip(measuring, measuring[1:]))
     sel = selection(root, "t")
-    # warm-up: one switch; then each round runs one block per candidate, its start rotating (A B | B A | A B ...)
-    assert switches >= sel["rounds"], (switches, sel["rounds"])
+    assert len(sel["processes"]) >= 2
+    # the last processes are the measuring ones, one after the other
+    order = list(dict.fromkeys(pids))[-len(sel["processes"]):]
+    for pid, proc in zip(order, sel["processes"]):
+        measuring = [i for p, i in zip(pids, lines[1::2]) if p == pid]
+        assert len(set(measuring)) == 2
+        switches = sum(a != b for a, b in zip(measuring, measuring[1:]))
+        # warm-up: one switch; then each round runs one block per candidate, its start rotating (A B | B A | A B ...)
+        assert switches >= proc["rounds"], (switches, proc["rounds"])
 
 
 @pytest.mark.slow

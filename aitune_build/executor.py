@@ -438,11 +438,16 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
     folder.mkdir(parents=True, exist_ok=True)
     tmp = project.store.new_tmp()
     progress = progress_file(tmp)
+    early = None
     try:
         listen("worker", name, {"progress": progress, "log": folder / LOG})
         checkpoint("worker-start")
-        outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen),
-                                 entry=(key, comps))
+        watch = _UploadOnceWritten(project, tmp, backend.artifact, progress)
+        try:
+            outcome = runner.compile(project, name, backend, tmp, upstream_file, folder / LOG, _starter(name, key, listen),
+                                     entry=(key, comps))
+        finally:
+            early = watch.stop()
         checkpoint("worker-done")
         where = {"gpu": outcome.get("gpu"), "node": outcome.get("node")}
         if not outcome.get("ok"):
@@ -462,11 +467,56 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
             checkpoint("put-done")
             materialise(folder, entry.path, entry.files, meta)
             if project.remote is not None and outcome.get("transfer") != "remote":  # a Ray node uploaded it already
-                project.remote.upload(entry, name)  # in the background; Project.close waits for it
+                project.remote.upload(entry, name, early)  # in the background; Project.close waits for it
+                early = None
         return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
     finally:
+        if early is not None:
+            early.withdraw()  # the build or its check failed: the early upload's object never appears
         shutil.rmtree(tmp, ignore_errors=True)
         progress.unlink(missing_ok=True)
+
+
+class _UploadOnceWritten:
+    """With a writable remote cache: watches a local worker's phases, and once the worker reports that its artifact
+    is written (it is loaded and checked from then on), starts that artifact's upload so that it overlaps the check
+    (the last target's upload would otherwise follow it, at the end of the build). RemoteCache.upload_early commits
+    the object only for the checked bytes the store then holds; stop() hands back the EarlyUpload, if any."""
+
+    def __init__(self, project: Project, folder: Path, artifact: str, progress: Path):
+        self.early: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        remote = project.remote
+        if remote is not None and remote.writable and not project.store.readonly:
+            self._thread = threading.Thread(target=self._watch, args=(remote, folder, artifact, progress),
+                                            name="aitune-upload-watch", daemon=True)
+            self._thread.start()
+
+    def _watch(self, remote: Any, folder: Path, artifact: str, progress: Path) -> None:
+        from .worker import ARTIFACT_WRITTEN
+
+        while not self._stop.wait(0.05):
+            try:
+                lines = progress.read_text().splitlines()
+            except OSError:
+                continue
+            if any(_phase(line) == ARTIFACT_WRITTEN for line in lines):
+                self.early = remote.upload_early(folder, artifact)
+                return
+
+    def stop(self) -> Any:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return self.early
+
+
+def _phase(line: str) -> str | None:
+    try:
+        return json.loads(line).get("phase")
+    except (ValueError, AttributeError):
+        return None
 
 
 def entry_meta(name: str, key: str, comps: dict[str, Any], kind: str, artifact: str, outcome: dict[str, Any]) -> dict[str, Any]:

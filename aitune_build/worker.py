@@ -22,6 +22,7 @@ from .manifest import loaded_from_json
 
 _STARTED = time.time()  # a fresh-process worker's start, for its "worker_start" timing
 
+ARTIFACT_WRITTEN = "loading"  # the phase from which the artifact's bytes are final (loaded and checked, not written)
 _MAX_MESSAGE = 20_000  # the whole message goes to --json; the console shows its first lines (failures.bounded)
 
 
@@ -113,7 +114,7 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
 
     record = {**record, "module": identity(reference)}  # what `aitune-build run` checks a live module against
 
-    phase("loading")
+    phase(ARTIFACT_WRITTEN)
     with ctx.phase("load"):
         loaded = backend.load(ctx)
     rtol, atol = DEFAULT_TOLERANCES[config.precision]

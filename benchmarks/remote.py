@@ -7,7 +7,7 @@
    same project (whole processes, interleaved, median of --repeat). Only some targets are built for real; the others
    get a copy of t0's artifact under their own key (see synthesise()).
 2. big: one artifact of --gib GiB: RemoteCache.fetch (stream, hash xxh3+sha256, verify, move into the store) against
-   the raw client alone (obstore.get(...).stream() written to a file, no hashing), interleaved, median of --repeat
+   the raw client alone (obstore.get(...).stream() written to a file, no hashing; the same chunk size), interleaved, median of --repeat
    (3 at most); peak RSS of each, measured in its own process, for this size and a quarter of it.
 3. upload: builds of three export targets with ~48 MB of weights each, uploads on (read-write remote, a new prefix
    each time) vs off (--no-remote), fresh local cache each time, interleaved.
@@ -176,12 +176,12 @@ mode, url, key, out, size = sys.argv[1:]
 t0 = time.perf_counter()
 if mode == "raw":
     import obstore
-    from aitune_build.remote import object_store, RemoteCache
+    from aitune_build.remote import DOWNLOAD_CHUNK, object_store, RemoteCache
     store = object_store(url)
     idx = json.loads(bytes(obstore.get(store, RemoteCache.index_path(key)).bytes()))
     (want,) = idx["files"].values()
     with open(out, "wb") as f:
-        for chunk in obstore.get(store, RemoteCache.blob_path(want["sha256"])).stream(min_chunk_size=8 << 20):
+        for chunk in obstore.get(store, RemoteCache.blob_path(want["sha256"])).stream(min_chunk_size=DOWNLOAD_CHUNK):
             f.write(chunk)
 else:
     from aitune_build.remote import RemoteCache
@@ -296,7 +296,7 @@ def _cpu_of_pid(pid: int) -> float:
 
 def bench_upload(weed: Weed, work: Path, repeat: int) -> dict:
     origin = upload_project(work / "upl-origin") if not (work / "upl-origin").exists() else work / "upl-origin"
-    on, off, up_bytes = [], [], 0
+    on, off, up_bytes, during_check = [], [], 0, []
     cpu: dict[str, list[float]] = {"build_on": [], "build_off": [], "server_on": [], "server_off": []}
     for i in range(repeat):
         for mode in ("off", "on"):
@@ -312,9 +312,11 @@ def bench_upload(weed: Weed, work: Path, repeat: int) -> dict:
             if mode == "on":
                 assert doc["remote"]["uploaded"] == 3, doc["remote"]
                 up_bytes = doc["remote"]["bytes_up"]
+                during_check.append(doc["remote"].get("sent_during_check", 0))
             (on if mode == "on" else off).append(dt)
     return {"on_s": on, "off_s": off, "on_median_s": statistics.median(on), "off_median_s": statistics.median(off),
             "ratio": statistics.median(on) / statistics.median(off), "bytes_uploaded_per_build": up_bytes,
+            "sent_during_check": during_check,  # artifacts per build whose upload overlapped their check
             "cpu_s": cpu}  # the build process tree's CPU and the local S3 server's, per build
 
 

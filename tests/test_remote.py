@@ -518,3 +518,104 @@ def test_file_remote_on_a_shared_folder(tmp_path: Path, origin: Path, monkeypatc
     code, data, _, _ = cli(other, "cache", "prune", "--remote", "--older-than", "0s", "--json")
     assert code == 0 and data["entries_removed"] == 3 and data["blobs_removed"] == 3
     assert not [p for p in shared.rglob("*") if p.is_file() and "/entries/" in str(p)]
+
+
+# -- uploads that overlap the check ----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_an_early_upload_appears_only_when_committed_with_the_bytes_sent(remote_env: str, tmp_path: Path) -> None:
+    import obstore
+
+    from aitune_build.remote import EARLY_MIN, RemoteCache, object_store
+    from aitune_build.store import ArtifactStore
+
+    remote = RemoteCache(remote_env, "read-write", ArtifactStore(tmp_path / "cache"), "t")
+    store = object_store(remote_env)
+    data = os.urandom(EARLY_MIN + (3 << 20) + 17)
+    good = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (tmp_path / "a.bin").write_bytes(data)
+    listing = lambda: {m["path"] for batch in obstore.list(store) for m in batch}  # noqa: E731
+
+    early = remote.upload_early(tmp_path, "a.bin")
+    early.withdraw()  # the check failed
+    assert early.future.result() is False and listing() == set()
+    early = remote.upload_early(tmp_path, "a.bin")
+    assert early.commit({**good, "sha256": "0" * 64}) is False and listing() == set()  # the store holds other bytes
+    early = remote.upload_early(tmp_path, "a.bin")
+    (tmp_path / "a.bin").unlink()  # the store renames the folder meanwhile: the open file is what is sent
+    assert early.commit(good) is True
+    assert listing() == {remote.blob_path(good["sha256"])}
+    assert bytes(obstore.get(store, remote.blob_path(good["sha256"])).bytes()) == data
+    assert remote.upload_early(tmp_path, "a.bin") is None  # gone
+    remote.finish()
+
+
+BIG_MODELS = {
+    "models/big.py": "import torch\n\n\nclass Big(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                     "        self.register_buffer('w', torch.arange(2_000_000, dtype=torch.float32))\n\n"
+                     "    def forward(self, x):\n        return x + self.w[:64]\n\n\ndef build():\n    return Big()\n",
+    # the same size, but its output depends on hidden state the export cannot see: its check fails
+    "models/noisy.py": "import torch\n\n\nclass Noisy(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                       "        self.register_buffer('w', torch.zeros(2_000_000))\n\n"
+                       "    def forward(self, x):\n        return x + torch.rand(x.shape) + self.w[:64]\n\n\ndef build():\n    return Noisy()\n",
+}
+
+
+@pytest.mark.slow
+def test_a_big_artifact_is_sent_during_its_check_and_a_failed_check_sends_nothing(remote_env: str, tmp_path: Path) -> None:
+    import obstore
+
+    from aitune_build.remote import object_store
+
+    root = make_project(tmp_path / "proj")
+    for path, text in BIG_MODELS.items():
+        (root / path).write_text(text)
+    with open(root / "aitune.toml", "a") as f:
+        for m in ("big", "noisy"):
+            f.write(f'\n[modules.{m}]\nfactory = "models.{m}:build"\ninputs = [{{ name = "x", shape = [64] }}]\n'
+                    f'[targets.{m}_export]\nmodule = "{m}"\nbackend = "exp"\n')
+    code, data, out, err = cli(root, "build", "big_export", "noisy_export", "-k", "-j", "2", "--json")
+    assert code == 1 and by_name(data) == {"big_export": ("built", "built"), "noisy_export": ("failed", None)}, (out, err)
+    assert data["remote"]["uploaded"] == 1 and data["remote"]["sent_during_check"] == 1, data["remote"]
+
+    store = object_store(remote_env)
+    objects = {m["path"] for batch in obstore.list(store) for m in batch}
+    rec = json.loads((root / "build/big_export/build.json").read_text())
+    named = {f"aitune-v1/blobs/{f['sha256'][:2]}/{f['sha256']}" for f in rec["files"].values()}
+    assert {p for p in objects if "/blobs/" in p} == named  # nothing of the target whose check failed
+    assert [p for p in objects if "/entries/" in p] == [f"aitune-v1/entries/{rec['key'][:2]}/{rec['key']}.json"]
+
+    other = clone(root, tmp_path / "other")
+    code, data, out, err = cli(other, "build", "big_export", "--json")
+    assert by_name(data) == {"big_export": ("cached", "remote")}, (out, err)
+    assert file_digest(other / "build/big_export/model.pt2") == rec["files"]["model.pt2"]["sha256"]
+
+
+@pytest.mark.slow
+def test_an_early_upload_that_never_started_is_cancelled_not_waited_for(remote_env: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import obstore
+
+    import aitune_build.remote as remote_mod
+    from aitune_build.remote import EARLY_MIN, RemoteCache, object_store
+    from aitune_build.store import ArtifactStore
+
+    monkeypatch.setattr(remote_mod, "_EARLY_SLOTS", 1)  # every slot held by an upload waiting for its check
+    remote = RemoteCache(remote_env, "read-write", ArtifactStore(tmp_path / "cache"), "t")
+    for n in "ab":
+        (tmp_path / f"{n}.bin").write_bytes(os.urandom(EARLY_MIN + 1))
+    waiting = remote.upload_early(tmp_path, "a.bin")
+    queued = remote.upload_early(tmp_path, "b.bin")
+    data = (tmp_path / "b.bin").read_bytes()
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(queued.commit({"size": len(data), "sha256": hashlib.sha256(data).hexdigest()})))
+    t.start()
+    t.join(60)  # before the fix: blocked until `waiting` had its verdict, which here comes only after this commit
+    waiting.withdraw()
+    t.join()
+    assert got == [False] and queued.file.closed  # the caller uploads it the usual way
+    remote.finish()
+    assert not [m for batch in obstore.list(object_store(remote_env)) for m in batch]

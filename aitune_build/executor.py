@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
@@ -22,6 +22,7 @@ from .project import Project
 from .status import Status
 
 if TYPE_CHECKING:
+    from typing import Any
     from concurrent.futures import Future
 
     from .gpus import GpuPool
@@ -79,7 +80,8 @@ class TargetResult:
 # (event, target, payload): "start" (a TargetResult with status "building" and the gpu/node it builds on) once the
 # target has its device; "worker" ({"progress": Path, "log": Path}) before its worker runs: the worker appends
 # {"phase", "t"} JSON lines to `progress` and writes `log`; "done" (the TargetResult).
-Listener = Callable[[str, str, Any], None]
+if TYPE_CHECKING:
+    Listener = Callable[[str, str, Any], None]
 
 
 class Runner:

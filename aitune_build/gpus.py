@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 from .errors import UserError
 

@@ -13,7 +13,9 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 import xxhash
 

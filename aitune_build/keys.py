@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 import xxhash
 

@@ -13,7 +13,7 @@ import ast
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 import xxhash
 
@@ -22,6 +22,7 @@ from .spec import Spec, to_json  # noqa: F401  (re-exported)
 from .vocabulary import DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_MAX, NAME_RE, backend_registry  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
+    from typing import Any
     from .backends import BackendConfig
 
 # A validated manifest is remembered by the digest of its bytes and of the code that validates it: these files, every

@@ -107,13 +107,23 @@ class ModuleSpec(_Table):
         return v
 
 
+def _annotation_names() -> dict[str, Any]:
+    """Names that config annotations use but their modules import only for type checkers: a no-op build imports
+    every config class (never this module) and need not pay for importing typing."""
+    from .backends.base import DEVICES
+
+    names: dict[str, Any] = {n: getattr(typing, n) for n in ("Any", "ClassVar", "Literal", "Optional", "Union")}
+    names["Device"] = Literal[DEVICES]
+    return names
+
+
 def _backend_model(kind: str) -> type[BaseModel]:
     """A kind's model, derived from the config its backend declares (fields, types, defaults, descriptions):
     `kind` is the literal of the kind, every other key is refused."""
     from .backends import backend_for
 
     spec = backend_for(kind).config_class
-    hints = typing.get_type_hints(spec)
+    hints = typing.get_type_hints(spec, localns=_annotation_names())
     fields: dict[str, Any] = {}
     for name in spec.fields:
         if name == "kind":

@@ -7,7 +7,9 @@ it, so a backend's fields are declared once, in its file.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class Option:

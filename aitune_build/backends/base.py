@@ -8,16 +8,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 from ..gpus import test_gpu_bound
 from ..spec import Spec, to_json
 from ..toolchain import dist_version, gpu_info, has_module
 
 if TYPE_CHECKING:
+    from typing import Any, ClassVar, Literal
     from ..manifest import InputSpec
 
-Device = Literal["cpu", "cuda"]
+    Device = Literal["cpu", "cuda"]  # = Literal[DEVICES]; schema.py gives get_type_hints this name
+
+DEVICES = ("cpu", "cuda")
 
 
 class BackendConfig(Spec):

@@ -13,7 +13,9 @@ verified store entry or release archive of this target, never from anywhere else
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 COMPILE_CACHE = "compile_cache.bin"
 # Inductor's compiled C++ kernels (CPU), which the mega-cache leaves out: on a cache hit Inductor would compile

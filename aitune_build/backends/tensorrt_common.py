@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 
 from dataclasses import dataclass
-from typing import Any, Literal
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 from ..errors import UserError, did_you_mean
 from ..spec import option

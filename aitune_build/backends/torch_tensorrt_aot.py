@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 from ..errors import UserError
 from . import tensorrt_common as trt

@@ -595,6 +595,7 @@ class EarlyUpload:
         self.remote, self.file, self.name = remote, file, name
         self.future: Future | None = None
         self.sent = 0
+        self.streamed = 0  # bytes handed to the put so far (a withdrawn upload stops within a piece or so)
         self._want: dict[str, Any] | None = None
         self._decided = threading.Event()
 
@@ -637,6 +638,8 @@ class EarlyUpload:
                 except Exception as e:
                     if not _not_found(e):
                         return False
+                if self._decided.is_set() and not self._matches(digest, size):
+                    return False  # withdrawn while hashing: send nothing
                 f.seek(0)
                 obstore.put(obs, path, self._pieces(f, digest, size), chunk_size=_EARLY_PART, max_concurrency=4)
             except Exception:  # _Withdrawn, or an outage that upload_now meets (and reports) again
@@ -659,6 +662,9 @@ class EarlyUpload:
                 self._decided.wait()
                 if n != size or check.hexdigest() != digest or not self._matches(digest, size):
                     raise _Withdrawn()
+            elif self._decided.is_set() and not self._matches(digest, size):
+                raise _Withdrawn()  # withdrawn (or other bytes stored) mid-way: stop sending now, not at the end
+            self.streamed += len(piece)
             yield piece
             piece = after
 

@@ -385,7 +385,7 @@ def _combined_entry(per: list[dict[str, Any] | None]) -> dict[str, Any]:
     (one process's thread regime does not decide it), the per-process medians, and their spread across processes."""
     import statistics
 
-    err = next((e.get("error") or "no result" for e in per if e is None or e.get("error")), None)
+    err = next(((e or {}).get("error") or "no result" for e in per if e is None or e.get("error")), None)
     got = [e for e in per if e is not None]
     out: dict[str, Any] = {"batches": {}, "measure_s": round(sum(e.get("measure_s") or 0.0 for e in got), 3),
                            "warmup_s": round(sum(e.get("warmup_s") or 0.0 for e in got), 3), "error": err}

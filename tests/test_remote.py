@@ -544,10 +544,22 @@ def test_an_early_upload_appears_only_when_committed_with_the_bytes_sent(remote_
     assert early.commit({**good, "sha256": "0" * 64}) is False and listing() == set()  # the store holds other bytes
     early = remote.upload_early(tmp_path, "a.bin")
     (tmp_path / "a.bin").unlink()  # the store renames the folder meanwhile: the open file is what is sent
+    while not (early.future.running() or early.future.done()):  # one not started yet is cancelled by commit instead
+        time.sleep(0.001)
     assert early.commit(good) is True
     assert listing() == {remote.blob_path(good["sha256"])}
     assert bytes(obstore.get(store, remote.blob_path(good["sha256"])).bytes()) == data
     assert remote.upload_early(tmp_path, "a.bin") is None  # gone
+    # withdrawn while sending: it stops there, not after sending all but the last piece
+    big = os.urandom(64 << 20)
+    (tmp_path / "b.bin").write_bytes(big)
+    early = remote.upload_early(tmp_path, "b.bin")
+    deadline = time.monotonic() + 60
+    while early.streamed == 0 and not early.future.done() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    early.withdraw()
+    assert early.future.result() is False and listing() == {remote.blob_path(good["sha256"])}
+    assert 0 < early.streamed <= len(big) // 2, early.streamed
     remote.finish()
 
 

@@ -229,6 +229,9 @@ def test_processes_combine_by_the_median_of_their_medians() -> None:
     # a candidate that failed in any process is failed
     procs[1]["entries"]["inductor"] = {"batches": {}, "measure_s": 0.0, "warmup_s": 0.0, "error": "RuntimeError: boom"}
     assert tune.combine(procs)["entries"]["inductor"]["error"] == "RuntimeError: boom"
+    # ... and so is one that a process gave no result for (that process failed before measuring it)
+    del procs[2]["entries"]["eager"]
+    assert tune.combine(procs)["entries"]["eager"]["error"] == "no result"
     # CPU: at least two processes, the per-candidate cap shared among them; a GPU: one
     assert tune.process_counts({"cpu"}) == (2, 3) and tune.process_counts({"cpu", "cuda"}) == (1, 1)
 

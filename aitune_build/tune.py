@@ -263,7 +263,12 @@ def _select(project: Project, job: _Job, options: BuildOptions, runner: Runner) 
 
 
 def _medians(row: dict[str, Any]) -> dict[int, float]:
-    return {int(b): s["median"] for b, s in row["latency_ms"].items()}
+    return _batch_medians(row["latency_ms"])
+
+
+def _batch_medians(batches: dict[str, dict[str, Any]]) -> dict[int, float]:
+    """{batch size: median latency} of a measurement's per-batch statistics ({"1": {"median", ...}, ...})."""
+    return {int(b): s["median"] for b, s in batches.items()}
 
 
 def _merge(total: dict[str, Any], got: dict[str, Any]) -> None:
@@ -291,7 +296,7 @@ def _apply(spec: Any, rows: dict[str, dict[str, Any]], got: dict[str, Any], meas
         row["score"] = what
         base = baselines.get(row["device"])
         if base is not None and not base.get("error"):
-            row["speedup_vs_eager"] = round(speedup(lat, {int(k): v["median"] for k, v in base["batches"].items()}), 4)
+            row["speedup_vs_eager"] = round(speedup(lat, _batch_medians(base["batches"])), 4)
         if rejected:
             row["rejected"] = rejected
         elif spec.min_speedup is not None:
@@ -421,11 +426,9 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def process_ranking(spec: Any, devices: dict[str, str], result: dict[str, Any]) -> list[str]:
     """One measuring process's ranking of its candidates (best first) by its own medians."""
-    def medians(entry: dict[str, Any]) -> dict[int, float]:
-        return {int(b): s["median"] for b, s in entry["batches"].items()}
-
-    lat = {k: medians(e) for k, e in result["entries"].items() if not e.get("error") and e.get("batches")}
-    base = {d: medians(e) for d, e in result.get("baselines", {}).items() if not e.get("error") and e.get("batches")}
+    lat = {k: _batch_medians(e["batches"]) for k, e in result["entries"].items() if not e.get("error") and e.get("batches")}
+    base = {d: _batch_medians(e["batches"]) for d, e in result.get("baselines", {}).items()
+            if not e.get("error") and e.get("batches")}
     return ranking(spec.strategy, spec.budget_ms, spec.min_speedup, lat, base, devices)
 
 

@@ -345,14 +345,11 @@ class _Reporter:
     @staticmethod
     def phase(info: dict[str, Any]) -> str:
         """The worker's current phase: the last line of its progress file."""
+        from .executor import read_phases
+
         path = info.get("progress")
-        if path is None:
-            return "starting"
-        try:
-            lines = Path(path).read_bytes().splitlines()
-            return json.loads(lines[-1])["phase"] if lines else "starting"
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            return "starting"
+        phases = read_phases(Path(path)) if path is not None else []
+        return phases[-1] if phases else "starting"
 
     def _start_ticker(self) -> None:
         import threading

@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 from .backends import backend_for
 from .errors import ReproducibilityError, UserError
@@ -21,6 +20,7 @@ from .paths import io_problem
 from .project import Project
 from .status import Status
 
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
     from concurrent.futures import Future
@@ -431,6 +431,21 @@ def progress_file(artifact_dir: Path) -> Path:
     return artifact_dir.with_name(artifact_dir.name + ".progress.jsonl")
 
 
+def read_phases(progress: Path) -> list[str]:
+    """The phases a worker has reported in its progress file so far, oldest first (none while it is unreadable)."""
+    try:
+        lines = progress.read_bytes().splitlines()
+    except OSError:
+        return []
+    phases = []
+    for line in lines:
+        try:
+            phases.append(json.loads(line)["phase"])
+        except (ValueError, KeyError, TypeError):
+            pass  # not a phase line
+    return phases
+
+
 def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backend: Any, upstream_file: Path | None,
              runner: Runner, listen: Listener) -> TargetResult:
     import shutil
@@ -499,11 +514,7 @@ class _UploadOnceWritten:
         from .worker import ARTIFACT_WRITTEN
 
         while not self._stop.wait(0.05):
-            try:
-                lines = progress.read_text().splitlines()
-            except OSError:
-                continue
-            if any(_phase(line) == ARTIFACT_WRITTEN for line in lines):
+            if ARTIFACT_WRITTEN in read_phases(progress):
                 self.early = remote.upload_early(folder, artifact)
                 return
 
@@ -512,13 +523,6 @@ class _UploadOnceWritten:
         if self._thread is not None:
             self._thread.join()
         return self.early
-
-
-def _phase(line: str) -> str | None:
-    try:
-        return json.loads(line).get("phase")
-    except (ValueError, AttributeError):
-        return None
 
 
 def entry_meta(name: str, key: str, comps: dict[str, Any], kind: str, artifact: str, outcome: dict[str, Any]) -> dict[str, Any]:

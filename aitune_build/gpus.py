@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UserError
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
-
-from .errors import UserError
 
 # Test hook: backend kinds (comma-separated) treated as GPU-bound although their device is "cpu", so the scheduler
 # can be tested on a machine without a GPU (with an nvidia-smi stub on PATH). Never set it for real builds.

@@ -13,13 +13,14 @@ import os
 import threading
 import time
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 import xxhash
 
 from .fsutil import atomic_write_bytes
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 STATE_VERSION = 2
 _MANIFESTS_KEPT = 4

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 import xxhash
 
@@ -20,6 +17,10 @@ from .hashing import StateCache
 from .manifest import LoadedManifest, to_json
 from .sources import glob_sources, scan_module
 from .toolchain import python_version
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 KEY_SCHEMA = 2  # 2: third-party distributions the sources import ("packages")
 

@@ -20,9 +20,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 from .errors import UserError
 from .fsutil import atomic_write_bytes
@@ -30,6 +27,10 @@ from .keys import canonical_json, diff_components
 from .outputs import BuildRecord
 from .project import Project
 from .status import DONE
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 LOCK_FORMAT = 2
 LOCK_NAME = "aitune.lock"  # inside release archives; a project's lock is named after its manifest (lock_path)

@@ -13,7 +13,6 @@ import ast
 import json
 import sys
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 import xxhash
 
@@ -21,6 +20,7 @@ from .errors import ManifestError, did_you_mean
 from .spec import Spec, to_json  # noqa: F401  (re-exported)
 from .vocabulary import DEFAULT_CACHE_DIR, DTYPES, FACTORY_RE, NAME_MAX, NAME_RE, backend_registry  # noqa: F401  (re-exported)
 
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
     from .backends import BackendConfig
@@ -306,8 +306,6 @@ def _display(path: Path) -> str:
 
 
 # --- references, names, cycles, files ---------------------------------------------------------------------------
-
-
 
 
 def _check_references(m: LoadedManifest) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 from .faults import checkpoint
 from .fsutil import temp_beside, atomic_write_json, read_json
 from .hashing import StateCache, hash_file
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 BUILD_FORMAT = 1
 RECORD = "build.json"

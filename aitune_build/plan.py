@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 from .errors import UserError, did_you_mean
 from . import reasons
 from .keys import component_changes
 from .manifest import Manifest, is_candidate
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def select(man: Manifest, names: list[str] | tuple[str, ...]) -> list[str]:

@@ -6,12 +6,12 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 from .hashing import STATE_VERSION, StateCache
 from .keys import Fingerprinter
 from .manifest import CANDIDATE_SEP, DEFAULT_CACHE_DIR, LoadedManifest, Manifest, checked, parse, read_bytes, validate, validation_digest
 
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
     from .remote import RemoteCache

@@ -12,6 +12,7 @@ upstream-rebuilds | key-schema | error (its inputs cannot be read; `new` is the 
 from __future__ import annotations
 
 import json
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any

@@ -8,12 +8,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 
 from ..gpus import test_gpu_bound
 from ..spec import Spec, to_json
 from ..toolchain import dist_version, gpu_info, has_module
 
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any, ClassVar, Literal
     from ..manifest import InputSpec
@@ -34,7 +34,6 @@ class BackendConfig(Spec):
     @property
     def precision(self) -> str:
         return "float32"
-
 
 
 @dataclass

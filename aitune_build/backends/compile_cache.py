@@ -13,6 +13,7 @@ verified store entry or release archive of this target, never from anywhere else
 from __future__ import annotations
 
 from pathlib import Path
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from .base import Backend, BackendConfig, BuildContext
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
-
-from .base import Backend, BackendConfig, BuildContext
 
 
 class EagerConfig(BackendConfig):

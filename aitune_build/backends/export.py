@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..spec import option
+from .base import Backend, BackendConfig, BuildContext
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any
-
-from ..spec import option
-from .base import Backend, BackendConfig, BuildContext
 
 
 class ExportConfig(BackendConfig):

@@ -11,12 +11,13 @@ comparisons, so a wrong shape still fails with a clear message instead of reachi
 from __future__ import annotations
 
 import inspect
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
 
 from ..inputs import concrete_shape
 from ..manifest import InputSpec
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class ProgramCall:

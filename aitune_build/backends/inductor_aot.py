@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
-
 from ..spec import option
 from .base import Backend, BackendConfig, BuildContext
 from .export import ExportBackend, export_program
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class InductorAotConfig(BackendConfig):

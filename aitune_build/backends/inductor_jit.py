@@ -3,13 +3,13 @@ compile caches of that compile (compile_cache.py), so load() recompiles warm."""
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
-
 from . import compile_cache
 from ..spec import option
 from .base import Backend, BackendConfig, BuildContext
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class InductorJitConfig(BackendConfig):

@@ -7,16 +7,16 @@ torch_tensorrt itself is imported only inside functions that run on a GPU machin
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any, Literal
 
 from ..errors import UserError, did_you_mean
 from ..spec import option
 from ..toolchain import has_module
 from .base import BackendConfig
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 LIBRARIES = (
     ("torch_tensorrt", "torch-tensorrt", "torch-tensorrt-rtx", "torch_tensorrt_rtx"),

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any, Literal
-
 from ..errors import UserError
 from . import tensorrt_common as trt
 from ..spec import option
 from .base import Backend, BuildContext
 from .export import ExportBackend
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any, Literal
 
 _FILES = {"exported_program": "model.pt2", "torchscript": "model.ts", "aot_inductor": "model.pt2"}
 

@@ -4,14 +4,14 @@ artifact is the record plus torch_tensorrt's engine cache for this key and PyTor
 
 from __future__ import annotations
 
-TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
-if TYPE_CHECKING:
-    from typing import Any
-
 from . import compile_cache
 from . import tensorrt_common as trt
 from ..spec import option
 from .base import Backend, BuildContext
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
+if TYPE_CHECKING:
+    from typing import Any
 
 ENGINE_CACHE = "engine_cache"
 

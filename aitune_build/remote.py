@@ -638,7 +638,7 @@ class EarlyUpload:
                 except Exception as e:
                     if not _not_found(e):
                         return False
-                if self._decided.is_set() and not self._matches(digest, size):
+                if self._refused(digest, size):
                     return False  # withdrawn while hashing: send nothing
                 f.seek(0)
                 obstore.put(obs, path, self._pieces(f, digest, size), chunk_size=_EARLY_PART, max_concurrency=4)
@@ -651,6 +651,10 @@ class EarlyUpload:
         want = self._want
         return want is not None and want.get("sha256") == digest and want.get("size") == size
 
+    def _refused(self, digest: str, size: int) -> bool:
+        """Decided, and not for these bytes: withdrawn, or the store holds others."""
+        return self._decided.is_set() and not self._matches(digest, size)
+
     def _pieces(self, f: Any, digest: str, size: int) -> Any:
         check, n = hashlib.sha256(), 0
         piece = f.read(_EARLY_PIECE)
@@ -662,7 +666,7 @@ class EarlyUpload:
                 self._decided.wait()
                 if n != size or check.hexdigest() != digest or not self._matches(digest, size):
                     raise _Withdrawn()
-            elif self._decided.is_set() and not self._matches(digest, size):
+            elif self._refused(digest, size):
                 raise _Withdrawn()  # withdrawn (or other bytes stored) mid-way: stop sending now, not at the end
             self.streamed += len(piece)
             yield piece

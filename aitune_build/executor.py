@@ -148,10 +148,16 @@ class LocalRunner(Runner):
         return self._pool
 
     def measuring_gpu(self) -> Any:
-        return self._gpus().acquire() if self.project.fingerprinter.gpu_plan.gpus else super().measuring_gpu()
+        gpus = self.project.fingerprinter.gpu_plan.gpus
+        return self._gpus().acquire(exclusive=True) if gpus else super().measuring_gpu()
 
     def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
-        return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) if gpu_bound else self.jobs
+        if not gpu_bound:
+            return self.jobs
+        from .gpus import overlap_checks
+
+        # Per GPU, one target compiling and one being checked (the pool lends each GPU to one compile at a time).
+        return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) * (2 if overlap_checks() else 1)
 
     def unavailable(self, backend: Any) -> str | None:
         if backend.needs_gpu and not self.project.fingerprinter.gpu_plan.gpus:
@@ -166,12 +172,23 @@ class LocalRunner(Runner):
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
         from .workers import family_of
 
-        with self._gpus().acquire() as gpu:  # given back however the worker ends
+        from .gpus import overlap_checks
+        from .worker import ARTIFACT_WRITTEN
+
+        pool = self._gpus()
+        with pool.acquire() as gpu:  # given back however the worker ends
             started({"gpu": gpu.as_json()})
             # Another target of this family still to come: the warm server may prepare a spare for this GPU.
             more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
-            outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices},
-                                  workers=workers, kind=backend.kind, more=more)
+            # Once the artifact is written, the next target may compile on this GPU while this one is checked.
+            early = OnPhase(progress_file(artifact_dir), ARTIFACT_WRITTEN, lambda: pool.give_back(gpu)) \
+                if backend.load_reads_only and overlap_checks() else None
+            try:
+                outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices},
+                                      workers=workers, kind=backend.kind, more=more)
+            finally:
+                if early is not None:
+                    early.stop()
         return {**outcome, "gpu": gpu.as_json()}
 
     def cancel(self) -> None:  # Ctrl-C: kill the running workers now; their threads see a crash and store nothing
@@ -494,34 +511,48 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
         progress.unlink(missing_ok=True)
 
 
-class _UploadOnceWritten:
-    """With a writable remote cache: watches a local worker's phases, and once the worker reports that its artifact
-    is written (it is loaded and checked from then on), starts that artifact's upload so that it overlaps the check
-    (the last target's upload would otherwise follow it, at the end of the build). RemoteCache.upload_early commits
-    the object only for the checked bytes the store then holds; stop() hands back the EarlyUpload, if any."""
+class OnPhase:
+    """Calls `then()` once, in a thread of its own, when the worker writing `progress` has reported `phase`; stop()
+    ends the watch (waiting for a call under way). A worker that ends before the phase never calls it."""
 
-    def __init__(self, project: Project, folder: Path, artifact: str, progress: Path):
-        self.early: Any = None
+    def __init__(self, progress: Path, phase: str, then: Callable[[], None]):
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        remote = project.remote
-        if remote is not None and remote.writable and not project.store.readonly:
-            self._thread = threading.Thread(target=self._watch, args=(remote, folder, artifact, progress),
-                                            name="aitune-upload-watch", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._watch, args=(progress, phase, then), name=f"aitune-on-{phase}",
+                                        daemon=True)
+        self._thread.start()
 
-    def _watch(self, remote: Any, folder: Path, artifact: str, progress: Path) -> None:
-        from .worker import ARTIFACT_WRITTEN
-
+    def _watch(self, progress: Path, phase: str, then: Callable[[], None]) -> None:
         while not self._stop.wait(0.05):
-            if ARTIFACT_WRITTEN in read_phases(progress):
-                self.early = remote.upload_early(folder, artifact)
+            if phase in read_phases(progress):
+                then()
                 return
 
-    def stop(self) -> Any:
+    def stop(self) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
+
+
+class _UploadOnceWritten:
+    """With a writable remote cache: once a local worker reports that its artifact is written (it is loaded and
+    checked from then on), starts that artifact's upload so that it overlaps the check (the last target's upload
+    would otherwise follow it, at the end of the build). RemoteCache.upload_early commits the object only for the
+    checked bytes the store then holds; stop() hands back the EarlyUpload, if any."""
+
+    def __init__(self, project: Project, folder: Path, artifact: str, progress: Path):
+        from .worker import ARTIFACT_WRITTEN
+
+        self.early: Any = None
+        self._watch: OnPhase | None = None
+        remote = project.remote
+        if remote is not None and remote.writable and not project.store.readonly:
+            def start() -> None:
+                self.early = remote.upload_early(folder, artifact)
+
+            self._watch = OnPhase(progress, ARTIFACT_WRITTEN, start)
+
+    def stop(self) -> Any:
+        if self._watch is not None:
+            self._watch.stop()
         return self.early
 
 

@@ -91,10 +91,23 @@ def model_matches(wanted: str, name: str) -> bool:
     return w == name.lower() or w in name.lower().replace("-", " ").split()
 
 
+OVERLAP_ENV = "AITUNE_GPU_OVERLAP"  # "0": a GPU compiles nothing else while a target's artifact is checked
+
+
+def overlap_checks() -> bool:
+    """Whether a GPU may compile the next target while the previous one's artifact is loaded and checked on it."""
+    return os.environ.get(OVERLAP_ENV, "1") != "0"
+
+
 class GpuPool:
     """Lends each GPU to one compile at a time: within this process (a condition) and across processes that share
     the lock folder (one lock file per GPU UUID, held while the compile runs). A GPU is given back when the block
-    exits, whatever happens inside (a failed or crashed worker frees its GPU)."""
+    exits, whatever happens inside (a failed or crashed worker frees its GPU), or earlier through give_back(): once
+    a worker's artifact is written, the next compile may start on the GPU while that worker loads and checks it.
+
+    Until its block exits, a lease also *uses* its GPU (in this process a count, across processes a shared flock on
+    `gpu-<uuid>.use`); an exclusive lease (a tuned target's measurement) waits until no other worker uses the GPU,
+    so nothing runs beside a measurement."""
 
     def __init__(self, gpus: tuple[Gpu, ...] | list[Gpu], lock_dir: Path | None, poll: float = 0.2):
         self.gpus = tuple(gpus)
@@ -102,21 +115,57 @@ class GpuPool:
         self.poll = poll
         self._free = list(self.gpus)
         self._cond = threading.Condition()
+        self._lent: dict[str, Any] = {}  # uuid -> the compile's file lock (None without a lock folder), until given back
+        self._users: dict[str, int] = {}  # uuid -> leases in this process not yet ended (given back early or not)
 
     @contextmanager
-    def acquire(self) -> Iterator[Gpu]:
+    def acquire(self, exclusive: bool = False) -> Iterator[Gpu]:
         if not self.gpus:
             raise RuntimeError("GpuPool.acquire: no GPU to lend")
         gpu, lock = self._take()
+        use = None
         try:
+            with self._cond:
+                self._lent[gpu.uuid] = lock
+                while exclusive and self._users.get(gpu.uuid):
+                    self._cond.wait()
+                self._users[gpu.uuid] = self._users.get(gpu.uuid, 0) + 1
+            use = self._use_lock(gpu, exclusive)
             yield gpu
         finally:
-            if lock is not None:
-                lock.release()
+            self.give_back(gpu)
+            if use is not None:
+                os.close(use)  # closing the descriptor drops its flock
             with self._cond:
-                self._free.append(gpu)
-                self._free.sort(key=self.gpus.index)
-                self._cond.notify()
+                self._users[gpu.uuid] -= 1
+                self._cond.notify_all()
+
+    def give_back(self, gpu: Gpu) -> None:
+        """End GPU's compile lease now (idempotent): another compile may take it. Its block still uses the GPU."""
+        with self._cond:
+            if gpu.uuid not in self._lent:
+                return
+            lock = self._lent.pop(gpu.uuid)
+        if lock is not None:
+            lock.release()
+        with self._cond:
+            self._free.append(gpu)
+            self._free.sort(key=self.gpus.index)
+            self._cond.notify_all()
+
+    def _use_lock(self, gpu: Gpu, exclusive: bool) -> int | None:
+        """A descriptor holding `gpu-<uuid>.use` shared (exclusive: alone, waiting for other processes' users)."""
+        if self.lock_dir is None:
+            return None
+        import fcntl
+
+        fd = os.open(self.lock_dir / f"gpu-{gpu.uuid}.use", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _take(self) -> tuple[Gpu, Any]:
         while True:
@@ -140,7 +189,7 @@ class GpuPool:
                 with self._cond:
                     self._free.append(gpu)
                     self._free.sort(key=self.gpus.index)
-                    self._cond.notify()
+                    self._cond.notify_all()
             time.sleep(self.poll)
 
     def _file_lock(self, gpu: Gpu) -> Any:

@@ -1,14 +1,15 @@
-"""Warm worker processes: the imports are paid once per build and backend family, not once per target.
+"""Warm worker processes: the imports are paid once per build, not once per target.
 
 Each compile still runs in a process of its own (a segfault or an OOM kill fails that target only, and its output
 goes to that target's build.log), but the process is *forked* from a fork server that has already imported torch
-and the family's libraries (torch_tensorrt only for the Torch-TensorRT family) — and never initialised CUDA.
+and the modules the build's backends need (`Backend.preload`) — and never initialised CUDA.
 
-    build process ──socket──> fork server (python -m aitune_build.workers FAMILY FD; imports done, no CUDA)
+    build process ──socket──> fork server (python -m aitune_build.workers FD MODULES...; imports done, no CUDA)
                                  └─ fork ─> one child per target: fd 1/2 → build.log, worker.main(job), exit
 
-- One server per family and per build process (`Workers`), started at the first target that needs building: a
-  no-op build starts none. Concurrent builds of different projects each have their own servers.
+- One server per build process (`Workers`), started at the first target that needs building: a no-op build starts
+  none. Concurrent builds of different projects each have their own server. (There used to be one server per
+  backend family: a build with Torch-TensorRT and export targets paid the servers' `import torch` twice, in line.)
 - A child exits after its target, so nothing it did (CUDA context, Inductor/TensorRT globals, imported user
   modules, memory) reaches the next target. CUDA is initialised only in children: the server checks after its
   imports that the CUDA driver is not initialised, and refuses to serve otherwise.
@@ -17,9 +18,10 @@ and the family's libraries (torch_tensorrt only for the Torch-TensorRT family) �
   running children at once.
 - Spares (the Torch-TensorRT family): importing torch_tensorrt initialises CUDA, so the server cannot preload it
   and each child pays its import (7–9 s on an H200 host). When more targets of the family are pending, the server
-  forks a *spare* for the GPU a job was given (same CUDA_VISIBLE_DEVICES): it imports the family's libraries while
-  that GPU's current target compiles, then waits for the GPU's next job. It compiles nothing until it has one, so a
-  GPU still runs one compile at a time; a spare left unused at the end is killed with the server.
+  forks a *spare* for the GPU a job was given (same CUDA_VISIBLE_DEVICES): it imports the family's libraries
+  (`SPARE_IMPORTS`) while that GPU's current target compiles, then waits for the next job of that family on that
+  GPU. It compiles nothing until it has one, so a GPU still runs one compile at a time; a spare left unused at the
+  end is killed with the server.
 - Where fork is not available (not Linux, `AITUNE_WORKERS=subprocess`, or the server could not start), a worker is
   a fresh `python -m aitune_build.worker` process as before, and build.log says why.
 """
@@ -37,7 +39,7 @@ from typing import Any
 # What every worker imports besides its backends' `preload` (run_job's own modules).
 COMMON_PRELOAD = ("aitune_build.worker", "aitune_build.check", "aitune_build.inputs", "aitune_build.factory")
 ENV_MODE = "AITUNE_WORKERS"  # "subprocess": no fork server
-# Libraries a family's server must not import (they initialise CUDA) but a spare child imports ahead of its job.
+# Per backend family: libraries the server must not import (they initialise CUDA) but a spare child imports ahead.
 SPARE_IMPORTS = {"torch_tensorrt": ("torch_tensorrt",)}
 
 
@@ -45,12 +47,12 @@ def family_of(kind: str) -> str:
     return "torch_tensorrt" if kind.startswith("torch_tensorrt") else "torch"
 
 
-def preload_for(kinds: set[str] | frozenset[str], family: str) -> list[str]:
-    """The modules a family's server imports: those of the build's backends in that family, in a stable order."""
+def preload_for(kinds: set[str] | frozenset[str]) -> list[str]:
+    """The modules the server imports: those of the build's backends, in a stable order."""
     from .backends import backend_for
 
     found: list[str] = []
-    for kind in sorted(k for k in kinds if family_of(k) == family):
+    for kind in sorted(kinds):
         cls = backend_for(kind)
         for name in (*cls.preload, cls.__module__):
             if name not in found:
@@ -85,8 +87,8 @@ class Workers:
     """The build's worker processes: `run()` runs one job in a fresh child and returns its exit code."""
 
     def __init__(self, kinds: set[str] | frozenset[str] = frozenset()) -> None:
-        self.kinds = set(kinds)  # the backend kinds this build may run: what the servers preload
-        self._servers: dict[str, _ForkServer | str] = {}  # family -> server, or why there is none
+        self.kinds = set(kinds)  # the backend kinds this build may run: what the server preloads
+        self._server_now: _ForkServer | str | None = None  # the server, or why there is none
         self._lock = threading.Lock()
         self._plain: set[Any] = set()  # running plain subprocesses and starting servers, for interrupt()
         self._interrupted = False
@@ -98,14 +100,15 @@ class Workers:
         if self._interrupted:
             raise Interrupted()
         self.kinds.add(kind)
-        server = self._server(family_of(kind))
+        server = self._server()
         if self._interrupted:
             raise Interrupted()
         if isinstance(server, _ForkServer):
+            late = list(SPARE_IMPORTS.get(family_of(kind), ()))
             with open(log, "wb") as f:
-                f.write(f"aitune-build: worker forked from the warm {server.family} server (pid {server.pid})\n".encode())
+                f.write(f"aitune-build: worker forked from the warm torch server (pid {server.pid})\n".encode())
             try:
-                return server.run(job, log, env, spare=more and bool(server.late))
+                return server.run(job, log, env, late, spare=more and bool(late))
             except _ServerGone:
                 pass  # died under us (killed?): the job's result is missing, reported as a crash
             return _LOST
@@ -113,16 +116,15 @@ class Workers:
             f.write(f"aitune-build: worker in a fresh process ({server})\n".encode())
         return run_plain(job, log, env, self._track, append=True)
 
-    def _server(self, family: str) -> _ForkServer | str:
+    def _server(self) -> _ForkServer | str:
         with self._lock:
-            server = self._servers.get(family)
+            server = self._server_now
             if isinstance(server, _ForkServer) and not server.alive():  # killed: start another one
                 server.close()
                 server = None
             if server is None:
-                server = fork_unavailable() or _ForkServer.start(family, preload_for(self.kinds, family),
-                                                                 list(SPARE_IMPORTS.get(family, ())), self._track)
-                self._servers[family] = server
+                server = fork_unavailable() or _ForkServer.start(preload_for(self.kinds), self._track)
+                self._server_now = server
             return server
 
     def _track(self, proc: Any, running: bool) -> None:
@@ -138,9 +140,9 @@ class Workers:
         import signal
 
         self._interrupted = True  # without the lock: a thread may hold it while a server starts
-        for server in list(self._servers.values()):
-            if isinstance(server, _ForkServer):
-                server.kill_children()
+        server = self._server_now
+        if isinstance(server, _ForkServer):
+            server.kill_children()
         for proc in list(self._plain):  # plain workers and servers still importing
             try:
                 proc.send_signal(signal.SIGKILL)
@@ -149,14 +151,13 @@ class Workers:
 
     def close(self) -> None:
         with self._lock:
-            servers = [s for s in self._servers.values() if isinstance(s, _ForkServer)]
-            self._servers.clear()
-        for s in servers:
-            s.close()
+            server, self._server_now = self._server_now, None
+        if isinstance(server, _ForkServer):
+            server.close()
 
     def pids(self) -> list[int]:
-        """Process ids of the fork servers (tests)."""
-        return [s.pid for s in self._servers.values() if isinstance(s, _ForkServer)]
+        """Process id of the fork server, if one runs (tests)."""
+        return [self._server_now.pid] if isinstance(self._server_now, _ForkServer) else []
 
 
 _LOST = -9  # exit code reported when the server died before telling a child's status
@@ -185,8 +186,8 @@ class _ServerGone(Exception):
 class _ForkServer:
     """Client side of one fork server: requests go out as JSON lines, a reader thread dispatches the replies."""
 
-    def __init__(self, family: str, proc: Any, sock: Any, reader: Any, ready: dict[str, Any], late: list[str]):
-        self.family, self.proc, self.sock, self.pid, self.late = family, proc, sock, proc.pid, late
+    def __init__(self, proc: Any, sock: Any, reader: Any, ready: dict[str, Any]):
+        self.proc, self.sock, self.pid = proc, sock, proc.pid
         self._file = reader
         self.import_seconds = ready.get("imports", 0.0)
         self._send_lock = threading.Lock()
@@ -194,13 +195,12 @@ class _ForkServer:
         self._cond = threading.Condition()
         self._next = 0
         self._gone = False
-        self._reader = threading.Thread(target=self._read, name=f"aitune-forkserver-{family}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name="aitune-forkserver", daemon=True)
         self._reader.start()
 
     @classmethod
-    def start(cls, family: str, preload: list[str], late: list[str], track: Any) -> _ForkServer | str:
-        """A ready server, or why none could start (the reason is written to each build.log). late: what its spares
-        import ahead of their jobs."""
+    def start(cls, preload: list[str], track: Any) -> _ForkServer | str:
+        """A ready server, or why none could start (the reason is written to each build.log)."""
         import socket
         import subprocess
         import tempfile
@@ -208,7 +208,7 @@ class _ForkServer:
         ours, theirs = socket.socketpair()
         errors = tempfile.TemporaryFile()
         try:
-            args = [str(theirs.fileno()), *preload, *(["--late", *late] if late else [])]
+            args = [str(theirs.fileno()), *preload]
             proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", *args],
                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=errors,
                                     stderr=subprocess.STDOUT, env=worker_env())
@@ -233,9 +233,9 @@ class _ForkServer:
             errors.seek(0)
             tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
             why = ready.get("refused") or " / ".join(tail) or f"exit code {proc.returncode}"
-            return f"fork server for {family} unavailable: {why}"
+            return f"fork server unavailable: {why}"
         errors.close()
-        return cls(family, proc, ours, reader, ready, late)
+        return cls(proc, ours, reader, ready)
 
     def alive(self) -> bool:
         return not self._gone and self.proc.poll() is None
@@ -248,13 +248,16 @@ class _ForkServer:
             except OSError:
                 raise _ServerGone() from None
 
-    def run(self, job: Path, log: Path, env: dict[str, str], spare: bool = False) -> int:
+    def run(self, job: Path, log: Path, env: dict[str, str], late: list[str] = (), spare: bool = False) -> int:
+        """Run JOB in a child with ENV; late: the modules its job imports that the server could not (SPARE_IMPORTS):
+        a spare that imported them for ENV takes the job. spare: fork another such spare for ENV now."""
         with self._cond:
             self._next += 1
             rid = self._next
             self._waiters[rid] = {}
         try:
-            self._send({"id": rid, "job": str(job), "log": str(log), "cwd": os.getcwd(), "env": env, "spare": spare})
+            self._send({"id": rid, "job": str(job), "log": str(log), "cwd": os.getcwd(), "env": env, "late": list(late),
+                        "spare": spare})
             with self._cond:
                 while "rc" not in self._waiters[rid] and not self._gone:
                     self._cond.wait()
@@ -332,7 +335,7 @@ def _cuda_initialised() -> bool:
         return False
 
 
-def serve(fd: int, preload: list[str], late: list[str] = ()) -> int:
+def serve(fd: int, preload: list[str]) -> int:
     import importlib
     import select
     import signal
@@ -364,7 +367,7 @@ def serve(fd: int, preload: list[str], late: list[str] = ()) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: dict[int, int] = {}  # pid -> request id
-    spares: dict[str, tuple[int, int]] = {}  # env (JSON) -> (pid, write end of its job pipe): idle, importing `late`
+    spares: dict[str, tuple[int, int]] = {}  # [env, late] (JSON) -> (pid, write end of its job pipe): idle, importing
     send({"ready": True, "imports": imports, "modules": len(sys.modules), "pid": os.getpid()})
 
     def drop_spare(pid: int) -> None:
@@ -429,10 +432,11 @@ def serve(fd: int, preload: list[str], late: list[str] = ()) -> int:
                 reaping.update(pid for pid, _ in spares.values())
                 kill_spares()
                 continue
-            env_key = json.dumps(req.get("env") or {}, sort_keys=True)
-            spare = spares.pop(env_key, None)
+            late = req.get("late") or []
+            env_key = json.dumps([req.get("env") or {}, late], sort_keys=True)
+            spare = spares.pop(env_key, None) if late else None
             pid = -1
-            if spare is not None:  # a spare for this GPU has imported `late` already: the job goes down its pipe
+            if spare is not None:  # a spare for this GPU imported the job's `late` already: the job goes down its pipe
                 pid, wfd = spare
                 try:
                     os.write(wfd, (json.dumps(req) + "\n").encode())
@@ -549,12 +553,7 @@ def _child(req: dict[str, Any], started: float | None, sock: Any = None, *fds: i
 
 
 def _main(argv: list[str]) -> int:
-    fd, rest = int(argv[0]), argv[1:]
-    late: list[str] = []
-    if "--late" in rest:
-        i = rest.index("--late")
-        rest, late = rest[:i], rest[i + 1:]
-    return serve(fd, rest, late)
+    return serve(int(argv[0]), argv[1:])
 
 
 if __name__ == "__main__":

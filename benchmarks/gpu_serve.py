@@ -155,7 +155,9 @@ def _first_inference(project: Path, mode: str) -> dict:
         return {"error": proc.stderr[-1500:]}
     out = {"first_inference_s": float(line.split()[1]) - t0, "process_s": t_exit - t0, "checksum": float(line.split()[2])}
     if mode == "served":
-        out["debug"] = json.loads((project / "debug.json").read_text())["targets"]
+        record = json.loads((project / "debug.json").read_text())
+        out["debug"] = record["targets"]
+        out["torch_tensorrt_imported"] = record.get("torch_tensorrt_imported")  # False: the runtime library alone
     return out
 
 

@@ -2,7 +2,7 @@
 # One GPU session's work, in phases that each fit one 10-minute command of the device tool (see
 # ../shared/gpu/README.md for installing torch-tensorrt-rtx first). Results and logs go to $OUT (default ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh tests      # GPU 0: pytest -m gpu (one-GPU tests) | GPU 1: tuning benchmark, cnn
+#   bash benchmarks/gpu_session.sh tests      # GPU 0: TRT + worker GPU tests, import probe | GPU 1: serve + tuning GPU tests
 #   bash benchmarks/gpu_session.sh serve      # GPU 0: tuning benchmark, encoder     | GPU 1: benchmarks/gpu_serve.py
 #   bash benchmarks/gpu_session.sh retest     # GPU 0: the failed GPU tests again    | GPU 1: tuning benchmark
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
@@ -20,11 +20,13 @@ stamp() { date -u +%H:%M:%S; }
 case "${1:-}" in
 tests)
   (CUDA_VISIBLE_DEVICES=0 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
-      tests/test_workers.py tests/test_serve_gpu.py tests/test_tuning_gpu.py >"$OUT/gpu-tests.log" 2>&1
-   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests.log") &
-  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/tuning.py --device cuda --model cnn \
-      --repeats 9 --ref-seconds 5 --budget-s 370 --out "$OUT/tuning-gpu-cnn.json" >"$OUT/tuning-gpu-cnn.log" 2>&1
-   echo "tuning exit $? at $(stamp)" >>"$OUT/tuning-gpu-cnn.log") &
+      tests/test_workers.py >"$OUT/gpu-tests-0.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-0.log"
+   CUDA_VISIBLE_DEVICES=0 timeout 120 $py benchmarks/trt_import_probe.py --out "$OUT/trt-import-probe.json" \
+      >"$OUT/trt-import-probe.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_serve_gpu.py \
+      tests/test_tuning_gpu.py >"$OUT/gpu-tests-1.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-1.log") &
   wait
   ;;
 serve)  # the first build + 9 --retune selections = the 10 fresh selections of issue 14's consistency goal
@@ -46,7 +48,7 @@ retest)  # the GPU tests that failed in a `tests` phase, and the tuning benchmar
   wait
   ;;
 multi)
-  timeout 330 $py benchmarks/gpu_multi.py --budget-s 250 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
+  timeout 420 $py benchmarks/gpu_multi.py --budget-s 330 --out "$OUT/gpu-multi.json" >"$OUT/gpu-multi.log" 2>&1
   echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi.log"
   timeout 110 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpus.py >"$OUT/gpu-tests-2gpu.log" 2>&1
   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-2gpu.log"

@@ -56,7 +56,7 @@ def main() -> None:
                     top.append((int(m.group(2)) / 1e6, m.group(4)))
         total = sum(t for t, _ in top)
         heavy = ", ".join(f"{n} {t:.2f}" for t, n in sorted(top, reverse=True)[:4])
-        pre = [p for p in preload_for({kind}, "torch") if not p.startswith("aitune_build")]
+        pre = [p for p in preload_for({kind}) if not p.startswith("aitune_build")]
         print(f"| {kind} | {len(mods)} | {total:.2f} | {heavy} | {'torch_tensorrt' in mods} | "
               f"{'torch._inductor.compile_fx' in mods} | {', '.join(pre)} |")
 

@@ -206,6 +206,44 @@ def test_gpu_pool_skips_a_gpu_another_process_holds(tmp_path: Path) -> None:
         holder.kill()
 
 
+@pytest.mark.parametrize("locks", [True, False], ids=["lock-folder", "read-only-store"])
+def test_a_gpu_given_back_early_takes_the_next_compile_but_a_measurement_waits_for_every_user(tmp_path: Path,
+                                                                                             locks: bool) -> None:
+    pool = GpuPool([Gpu.from_info(d) for d in _gpus(H100)], tmp_path / "locks" if locks else None, poll=0.01)
+    events: list[str] = []
+    checking, done = threading.Event(), threading.Event()
+
+    def first() -> None:  # compiles, gives the GPU back once its artifact is written, then checks for a while
+        with pool.acquire() as gpu:
+            events.append("first compiles")
+            pool.give_back(gpu)
+            pool.give_back(gpu)  # idempotent
+            checking.set()
+            done.wait(10)
+            events.append("first checked")
+
+    def second() -> None:
+        checking.wait(10)
+        with pool.acquire():
+            events.append("second compiles")
+            done.set()
+
+    def measure() -> None:
+        checking.wait(10)
+        time.sleep(0.1)  # after the second compile took the GPU
+        with pool.acquire(exclusive=True):
+            events.append("measured")
+
+    threads = [threading.Thread(target=f) for f in (first, second, measure)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    # the second compile ran while the first was still being checked; the measurement had the GPU to itself
+    assert events == ["first compiles", "second compiles", "first checked", "measured"], events
+
+
 def _take(pool: GpuPool) -> str:
     with pool.acquire() as gpu:
         return gpu.uuid
@@ -338,3 +376,82 @@ def test_real_gpus_build_side_by_side_each_worker_on_its_own(tmp_path: Path, mon
     for t in data["targets"]:
         rec = json.loads((root / "build" / t["name"] / "build.json").read_text())
         assert rec["toolchain"]["gpu"] == model and rec["gpu"]["driver"] == visible[0]["driver"]
+
+
+OVERLAP = """
+[project]
+name = "overlap"
+
+[modules.m0]
+factory = "models.probe:build"
+args = {{ i = 0 }}
+inputs = [{{ name = "input", shape = [2, 4] }}]
+
+[modules.m1]
+factory = "models.probe:build"
+args = {{ i = 1 }}
+inputs = [{{ name = "input", shape = [2, 4] }}]
+
+[backends.exp]
+kind = "export"
+
+[targets.t0]
+module = "m0"
+backend = "exp"
+
+[targets.t1]
+module = "m1"
+backend = "exp"
+"""
+
+OVERLAP_PROBE = '''
+import os, time
+import torch
+
+LOG = {log!r}
+
+
+class Probe(torch.nn.Module):
+    def __init__(self, i):
+        super().__init__()
+        self.i = i
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, input):
+        if self.i == 0 and not torch.compiler.is_exporting():
+            # t0's eager reference, run by its check: wait (at most 20 s) for t1's worker to construct its module
+            t0 = time.time()
+            while not os.path.exists(os.path.join(LOG, "constructed-1")) and time.time() - t0 < 20:
+                time.sleep(0.05)
+            with open(os.path.join(LOG, "t0-check-saw-t1"), "w") as f:
+                f.write(str(os.path.exists(os.path.join(LOG, "constructed-1"))))
+        return self.lin(input)
+
+
+def build(i=0):
+    if i == 1:
+        open(os.path.join(LOG, "constructed-1"), "w").close()
+    return Probe(i)
+'''
+
+
+@pytest.mark.slow
+def test_the_next_target_compiles_on_the_gpu_while_the_previous_one_is_checked(tmp_path: Path, on_path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One (fake) GPU, two export targets treated as GPU-bound: t1's worker starts once t0's artifact is written,
+    while t0 is still being checked; without that overlap t0's check would wait 20 s and see nothing."""
+    monkeypatch.setenv(TEST_GPU_BOUND_ENV, "export")
+    monkeypatch.delenv("AITUNE_GPU_OVERLAP", raising=False)
+    on_path(fake_smi(tmp_path / "smi", [H100]))
+    log = tmp_path / "log"
+    log.mkdir()
+    root = tmp_path / "p"
+    (root / "models").mkdir(parents=True)
+    (root / "models/__init__.py").write_text("")
+    (root / "models/probe.py").write_text(OVERLAP_PROBE.format(log=str(log)))
+    (root / "aitune.toml").write_text(OVERLAP.format())
+    code, out, data = run_cli(root, "build", "--json", "t0", "t1")
+    assert code == 0, out
+    assert [t["status"] for t in data["targets"]] == ["built", "built"]
+    assert {t["gpu"]["uuid"] for t in data["targets"]} == {uuid(0)}
+    assert (log / "t0-check-saw-t1").read_text() == "True"

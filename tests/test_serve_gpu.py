@@ -139,6 +139,9 @@ def test_run_serves_torch_tensorrt_into_an_unmodified_script(tmp_path: Path, ser
     assert proc.returncode == 0, proc.stderr
     stats = json.loads(debug.read_text())["targets"][target]
     assert stats["served_calls"] == 3 and stats["eager_calls"] == 0, (stats, proc.stderr)
+    # An AOT engine is served through torch_tensorrt's runtime library alone (the package's import is 7-9 s);
+    # a JIT target compiles, which needs the package.
+    assert json.loads(debug.read_text())["torch_tensorrt_imported"] is (served == "jit"), proc.stderr
     assert "warm start failed" not in proc.stderr, proc.stderr  # the JIT target started from its stored caches
     sys.path.insert(0, str(project))
     try:

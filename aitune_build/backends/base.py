@@ -100,6 +100,9 @@ class Backend:
     # Whether build() changes the eager module it is given (casts it in place, fuses it): it then gets a copy of the
     # worker's reference module instead of the module itself.
     mutates_module: ClassVar[bool] = False
+    # Whether load() only reads the artifact (no compile, no factory call): the GPU may then compile the next target
+    # while this one is loaded and checked (gpus.GpuPool.give_back). Not for JIT kinds, which compile at load.
+    load_reads_only: ClassVar[bool] = False
 
     @property
     def exported_program(self) -> bool:

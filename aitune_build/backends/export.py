@@ -32,6 +32,7 @@ class ExportBackend(Backend):
     feeds_from = True  # an ExportedProgram: the input of inductor_aot and Torch-TensorRT targets
     artifact = "model.pt2"
     deterministic = True
+    load_reads_only = True
     preload = ("torch", "torch._dynamo", "torch._export", "torch._functorch.aot_autograd",
                "torch.fx.experimental.symbolic_shapes", "aitune_build.backends.exported")
     revision = 2  # 2: stack traces (absolute source paths) left out of the saved program

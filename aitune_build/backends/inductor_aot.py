@@ -22,6 +22,7 @@ class InductorAotBackend(Backend):
     config_class = InductorAotConfig
     takes_from = True
     artifact = "model.pt2"
+    load_reads_only = True
     preload = ExportBackend.preload + ("torch._inductor.compile_fx",)
     deterministic = False  # measured: two builds differ (docs/reproducibility.md)
 

@@ -137,6 +137,55 @@ def installed() -> tuple[str, bool, set[str]]:
     return torch_tensorrt.__version__, is_rtx, {f.name for f in dataclasses.fields(CompilationSettings)}
 
 
+def distribution() -> tuple[str, bool] | None:
+    """(torch_tensorrt version, TensorRT-RTX?) from the installed distribution's metadata, without importing it."""
+    from ..toolchain import dist_version
+
+    hit = dist_version("torch-tensorrt-rtx", "torch-tensorrt")
+    return (hit[1], hit[0] == "torch-tensorrt-rtx") if hit else None
+
+
+# The C++ libraries `import torch_tensorrt` registers with torch (its first that exists): the tensorrt ops and the
+# tensorrt::Engine class that saved programs and TorchScript modules name.
+RUNTIME_LIBRARIES = ("libtorchtrt.so", "libtorchtrt_runtime.so")
+
+
+@functools.cache
+def load_runtime() -> str:
+    """Make saved TensorRT engines runnable in this process: TensorRT's libraries and the torch_tensorrt C++ library,
+    registered with torch as `import torch_tensorrt` does — but without importing the Python package, 7–9 s on an
+    H200 host (nearly all of it its compiler stack), which loading and running an engine does not use. The same
+    library file is registered, so a later `import torch_tensorrt` in the process finds it loaded. Where that is not
+    possible it imports torch_tensorrt. Returns which of the two it did (the serving debug record shows it)."""
+    import sys
+
+    if "torch_tensorrt" in sys.modules:
+        return "torch_tensorrt"
+    try:
+        import importlib
+        import importlib.util
+        from pathlib import Path
+
+        import torch
+
+        spec = importlib.util.find_spec("torch_tensorrt")  # finds the package without running it
+        folder = Path(spec.origin).parent / "lib" if spec is not None and spec.origin else None
+        lib = next((folder / n for n in RUNTIME_LIBRARIES if folder is not None and (folder / n).is_file()), None)
+        if lib is None:
+            raise FileNotFoundError(f"none of {', '.join(RUNTIME_LIBRARIES)} next to torch_tensorrt")
+        dist = distribution()
+        try:  # the wheel of TensorRT's shared libraries loads them (a system install needs nothing here)
+            importlib.import_module("tensorrt_rtx_libs" if dist and dist[1] else "tensorrt_libs")
+        except ImportError:
+            pass
+        torch.ops.load_library(str(lib))
+        return f"runtime library {lib.name}"
+    except Exception as e:  # noqa: BLE001  (anything odd about the installation: the full import handles it)
+        import torch_tensorrt  # noqa: F401
+
+        return f"torch_tensorrt (the runtime library alone did not load: {type(e).__name__}: {e})"
+
+
 def prepare(ctx: Any, config: Any) -> tuple[Any, PrecisionPlan, str]:
     """Check compile_config against the installed version and plan precision. Returns (torch settings, plan, version)."""
     version, is_rtx, fields = installed()

@@ -30,6 +30,7 @@ class TorchTensorRTAotBackend(Backend):
     # Not torch_tensorrt itself: importing torch-tensorrt-rtx 2.11 initialises CUDA (seen on an H200), after which a
     # forked child could not use the GPU. The server preloads torch's stack; each child imports torch_tensorrt.
     preload = ExportBackend.preload
+    load_reads_only = True
     deterministic = False  # TensorRT picks tactics by timing
 
     @property
@@ -77,26 +78,32 @@ class TorchTensorRTAotBackend(Backend):
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version}
 
     def load(self, ctx: BuildContext):
+        import sys
+
         import torch
 
         path = str(ctx.artifact_dir / self.artifact)
-        version, is_rtx, _ = trt.installed()
+        version, is_rtx = trt.distribution() or trt.installed()[:2]
         cast = trt.plan_precision(self.config.precision, self.config.compile_config, version, is_rtx).cast
-        if self.config.output_format == "torchscript":
-            import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops)
-
-            fn = _Positional(torch.jit.load(path), [s.name for s in ctx.inputs])
-        elif self.config.output_format == "aot_inductor":
+        if self.config.output_format == "aot_inductor":
             import torch_tensorrt  # noqa: F401
 
-            fn = _Positional(torch._inductor.aoti_load_package(path), [s.name for s in ctx.inputs])
-        else:
-            import torch_tensorrt
+            return trt.CastingCall(_Positional(torch._inductor.aoti_load_package(path), [s.name for s in ctx.inputs]), cast)
+        # Serving loads an engine, it compiles nothing: the runtime library, not the whole torch_tensorrt package.
+        trt.load_runtime()
+        try:
+            loaded = torch.jit.load(path) if self.config.output_format == "torchscript" else torch.export.load(path)
+        except Exception:
+            if "torch_tensorrt" in sys.modules:
+                raise
+            import torch_tensorrt  # noqa: F401  (what else the package registers, should the runtime alone fall short)
 
-            from .exported import ProgramCall
+            loaded = torch.jit.load(path) if self.config.output_format == "torchscript" else torch.export.load(path)
+        if self.config.output_format == "torchscript":
+            return trt.CastingCall(_Positional(loaded, [s.name for s in ctx.inputs]), cast)
+        from .exported import ProgramCall
 
-            fn = ProgramCall(torch_tensorrt.load(path), ctx.inputs)
-        return trt.CastingCall(fn, cast)
+        return trt.CastingCall(ProgramCall(loaded, ctx.inputs), cast)
 
 
 class _Positional:

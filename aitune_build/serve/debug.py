@@ -17,6 +17,7 @@ def write_debug_record(path: str) -> None:
     try:
         atomic_write_json(Path(path.replace("{pid}", str(os.getpid()))),
                           {"pid": os.getpid(), "targets": targets, "warnings": WARNINGS,
-                           "torch_imported": "torch" in sys.modules})
+                           "torch_imported": "torch" in sys.modules,
+                           "torch_tensorrt_imported": "torch_tensorrt" in sys.modules})
     except OSError as e:
         sys.stderr.write(f"aitune-build: serve: cannot write AITUNE_SERVE_DEBUG={path}: {e}\n")

@@ -197,7 +197,8 @@ class GpuPool:
 
         assert self.lock_dir is not None
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.lock_dir / f"gpu-{gpu.uuid}.lock"))
+        # Not thread-local: give_back() releases it from the thread that watches the worker's phases.
+        return FileLock(str(self.lock_dir / f"gpu-{gpu.uuid}.lock"), thread_local=False)
 
 
 def _try_acquire(lock: Any) -> bool:

@@ -84,13 +84,17 @@ def main() -> int:
     ap.add_argument("--gpus-a", default="0", help="the baseline's GPUs (default 0)")
     ap.add_argument("--gpus-b", default="0,1", help="the multi-GPU run's GPUs (default 0,1)")
     ap.add_argument("--budget-s", type=float, default=500.0, help="skip the repeat of the baseline past this (default 500)")
+    ap.add_argument("--order", default="a,b,a-off,a", help="runs: a (the baseline's GPUs), b (the multi-GPU run's), "
+                    "a-off (a with AITUNE_GPU_OVERLAP=0); default a,b,a-off,a")
     args = ap.parse_args()
     started = time.perf_counter()
     results = {"machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="gpu-multi-") as tmp:
         template = make_project(Path(tmp) / "template")
-        for gpus, overlap in ((args.gpus_a, True), (args.gpus_b, True), (args.gpus_a, False), (args.gpus_a, True)):
-            if results["runs"] and time.perf_counter() - started + results["runs"][0]["wall_s"] * (1.0 if overlap else 1.3) > args.budget_s:
+        order = {"a": (args.gpus_a, True), "b": (args.gpus_b, True), "a-off": (args.gpus_a, False)}
+        for gpus, overlap in (order[o] for o in args.order.split(",")):
+            longest = max((r["wall_s"] for r in results["runs"]), default=0.0)
+            if results["runs"] and time.perf_counter() - started + longest > args.budget_s:
                 results["skipped"] = f"runs past the {args.budget_s:.0f} s budget"
                 break
             run = build_cold(template, Path(tmp), gpus, overlap)

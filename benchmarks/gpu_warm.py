@@ -236,6 +236,9 @@ def main() -> None:
     ap.add_argument("--project", default=str(Path(tempfile.gettempdir()) / "aitune-warm"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--subprocess-baseline", action="store_true")
+    ap.add_argument("--overlap-ab", type=int, default=0, metavar="N",
+                    help="only the cold build, N rounds alternating AITUNE_GPU_OVERLAP=1 and 0 (what compiling beside a "
+                         "check is worth); nothing else is measured")
     args = ap.parse_args()
     root = Path(args.project)
     res: dict = {}
@@ -248,6 +251,23 @@ def main() -> None:
         return {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "torch_tensorrt": torch_tensorrt.__version__}
 
     section(res, "machine", info)
+
+    if args.overlap_ab:
+        def overlap_ab() -> dict:
+            got: dict = {"on": [], "off": []}
+            for _ in range(args.overlap_ab):
+                for side, value in (("on", "1"), ("off", "0")):
+                    write_project(root)
+                    wall, data = cli(root, *COLD, env={**ENV, "AITUNE_GPU_OVERLAP": value})
+                    got[side].append({"wall_s": wall, "built": sum(t["status"] == "built" for t in data["targets"])})
+            walls = {side: statistics.median(r["wall_s"] for r in runs) for side, runs in got.items()}
+            got["off_over_on"] = walls["off"] / walls["on"]
+            return got
+
+        section(res, "cold_build_overlap_ab", overlap_ab)
+        res["total_s"] = time.perf_counter() - t_all
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        return
 
     def cold() -> dict:
         got: dict = {}

@@ -216,7 +216,9 @@ def test_a_gpu_given_back_early_takes_the_next_compile_but_a_measurement_waits_f
     def first() -> None:  # compiles, gives the GPU back once its artifact is written, then checks for a while
         with pool.acquire() as gpu:
             events.append("first compiles")
-            pool.give_back(gpu)
+            watcher = threading.Thread(target=pool.give_back, args=(gpu,))  # as the build's phase watcher does
+            watcher.start()
+            watcher.join()
             pool.give_back(gpu)  # idempotent
             checking.set()
             done.wait(10)
@@ -239,7 +241,7 @@ def test_a_gpu_given_back_early_takes_the_next_compile_but_a_measurement_waits_f
         t.start()
     for t in threads:
         t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads), events
     # the second compile ran while the first was still being checked; the measurement had the GPU to itself
     assert events == ["first compiles", "second compiles", "first checked", "measured"], events
 

@@ -139,17 +139,26 @@ class LocalRunner(Runner):
             return self._workers
 
     def _gpus(self) -> GpuPool:
-        if self._pool is None:
-            from .gpus import GpuPool
+        with self._workers_lock:  # GPU targets' threads reach this together
+            if self._pool is None:
+                from .gpus import GpuPool
 
-            store = self.project.store
-            lock_dir = None if store.readonly else store.root / "locks"
-            self._pool = GpuPool(self.project.fingerprinter.gpu_plan.gpus, lock_dir)
-        return self._pool
+                store = self.project.store
+                lock_dir = None if store.readonly else store.root / "locks"
+                self._pool = GpuPool(self.project.fingerprinter.gpu_plan.gpus, lock_dir)
+            return self._pool
 
     def measuring_gpu(self) -> Any:
-        gpus = self.project.fingerprinter.gpu_plan.gpus
-        return self._gpus().acquire(exclusive=True) if gpus else super().measuring_gpu()
+        if not self.project.fingerprinter.gpu_plan.gpus:
+            return super().measuring_gpu()
+        from contextlib import contextmanager
+
+        @contextmanager
+        def alone() -> Any:  # nothing else runs on the GPU meanwhile: no compile, no check
+            with self._gpus().acquire(exclusive=True) as lease:
+                yield lease.gpu
+
+        return alone()
 
     def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
         if not gpu_bound:
@@ -170,28 +179,36 @@ class LocalRunner(Runner):
         if not backend.needs_gpu:
             started({})
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
+        from .gpus import Cancelled, overlap_checks
+        from .worker import ARTIFACT_WRITTEN
         from .workers import family_of
 
-        from .gpus import overlap_checks
-        from .worker import ARTIFACT_WRITTEN
-
-        pool = self._gpus()
-        with pool.acquire() as gpu:  # given back however the worker ends
-            started({"gpu": gpu.as_json()})
-            # Another target of this family still to come: the warm server may prepare a spare for this GPU.
-            more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
-            # Once the artifact is written, the next target may compile on this GPU while this one is checked.
-            early = OnPhase(progress_file(artifact_dir), ARTIFACT_WRITTEN, lambda: pool.give_back(gpu)) \
-                if backend.load_reads_only and overlap_checks() else None
-            try:
-                outcome = _run_worker(project, name, artifact_dir, upstream, log, env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices},
-                                      workers=workers, kind=backend.kind, more=more)
-            finally:
-                if early is not None:
-                    early.stop()
+        overlap = overlap_checks()
+        try:
+            # A compile that times kernels (TensorRT's tactics, Inductor's autotuning) has the GPU to itself: it waits
+            # for the checks of earlier targets still running there.
+            with self._gpus().acquire(exclusive=overlap and backend.times_kernels) as lease:  # given back however it ends
+                gpu = lease.gpu
+                started({"gpu": gpu.as_json()})
+                # Another target of this family still to come: the warm server may prepare a spare for this GPU.
+                more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
+                # Once the artifact is written, the next target may compile on this GPU while this one is checked.
+                early = OnPhase(progress_file(artifact_dir), ARTIFACT_WRITTEN, lease.give_back) \
+                    if backend.load_reads_only and overlap else None
+                try:
+                    outcome = _run_worker(project, name, artifact_dir, upstream, log,
+                                          env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices}, workers=workers,
+                                          kind=backend.kind, more=more)
+                finally:
+                    if early is not None:
+                        early.stop()
+        except Cancelled:  # Ctrl-C while waiting for a GPU
+            return {"ok": False, "error": "crash", "message": "interrupted"}
         return {**outcome, "gpu": gpu.as_json()}
 
     def cancel(self) -> None:  # Ctrl-C: kill the running workers now; their threads see a crash and store nothing
+        if self._pool is not None:
+            self._pool.cancel()
         if self._workers is not None:
             self._workers.interrupt()
 
@@ -202,7 +219,15 @@ class LocalRunner(Runner):
 
 def build(project: Project, order: list[str], options: BuildOptions, listen: Listener | None = None,
           runner: Runner | None = None) -> list[TargetResult]:
-    listen = listen or (lambda *_: None)
+    report = listen or (lambda *_: None)
+    # Targets handed to a thread that have not got their device yet (a GPU target waits for its GPU there): still to
+    # come, for the runner's pending_kinds (a warm server's spare for the next target of a family).
+    waiting: set[str] = set()
+
+    def listen(event: str, name: str, payload: Any) -> None:
+        if event in ("start", "done"):
+            waiting.discard(name)
+        report(event, name, payload)
     man = project.manifest.model
     results: dict[str, TargetResult] = {}
     if runner is None:
@@ -240,7 +265,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
     pending = list(order)
-    runner.pending_kinds = lambda: _kinds(man, list(pending))
+    runner.pending_kinds = lambda: _kinds(man, list(pending) + list(waiting))
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
@@ -285,6 +310,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                         extra = REMOTE_FETCHES
                         gate = {c: threading.Semaphore(runner.slots(c)) for c in (False, True)}
                     pool = ThreadPoolExecutor(max_workers=len(order))  # the slots above bound what runs
+                waiting.add(name)
                 running[pool.submit(run, job)] = (name, t0, gpu_bound)
             if not running:
                 continue

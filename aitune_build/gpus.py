@@ -99,15 +99,32 @@ def overlap_checks() -> bool:
     return os.environ.get(OVERLAP_ENV, "1") != "0"
 
 
+class Cancelled(Exception):
+    """GpuPool.cancel() was called (Ctrl-C): no GPU is lent any more."""
+
+
+class Lease:
+    """One compile's (or measurement's) hold on a GPU, from GpuPool.acquire(). give_back() ends the compile part
+    early (idempotent, from any thread); the lease still *uses* the GPU until its block exits."""
+
+    def __init__(self, pool: GpuPool, gpu: Gpu, lock: Any, exclusive: bool):
+        self.pool, self.gpu, self._lock, self.exclusive = pool, gpu, lock, exclusive
+        self._use: int | None = None  # the descriptor holding gpu-<uuid>.use
+        self._given_back = False
+
+    def give_back(self) -> None:
+        self.pool._give_back(self)
+
+
 class GpuPool:
     """Lends each GPU to one compile at a time: within this process (a condition) and across processes that share
     the lock folder (one lock file per GPU UUID, held while the compile runs). A GPU is given back when the block
-    exits, whatever happens inside (a failed or crashed worker frees its GPU), or earlier through give_back(): once
-    a worker's artifact is written, the next compile may start on the GPU while that worker loads and checks it.
+    exits, whatever happens inside (a failed or crashed worker frees its GPU), or earlier through Lease.give_back():
+    once a worker's artifact is written, the next compile may start on the GPU while that worker loads and checks it.
 
     Until its block exits, a lease also *uses* its GPU (in this process a count, across processes a shared flock on
-    `gpu-<uuid>.use`); an exclusive lease (a tuned target's measurement) waits until no other worker uses the GPU,
-    so nothing runs beside a measurement."""
+    `gpu-<uuid>.use`). An exclusive lease — a tuned target's measurement, or a compile that times kernels — waits,
+    once it holds the GPU, until no other lease uses it, so nothing runs beside it."""
 
     def __init__(self, gpus: tuple[Gpu, ...] | list[Gpu], lock_dir: Path | None, poll: float = 0.2):
         self.gpus = tuple(gpus)
@@ -115,63 +132,101 @@ class GpuPool:
         self.poll = poll
         self._free = list(self.gpus)
         self._cond = threading.Condition()
-        self._lent: dict[str, Any] = {}  # uuid -> the compile's file lock (None without a lock folder), until given back
         self._users: dict[str, int] = {}  # uuid -> leases in this process not yet ended (given back early or not)
+        self._cancelled = False
 
     @contextmanager
-    def acquire(self, exclusive: bool = False) -> Iterator[Gpu]:
+    def acquire(self, exclusive: bool = False) -> Iterator[Lease]:
         if not self.gpus:
             raise RuntimeError("GpuPool.acquire: no GPU to lend")
         gpu, lock = self._take()
-        use = None
+        lease = Lease(self, gpu, lock, exclusive)
         try:
             with self._cond:
-                self._lent[gpu.uuid] = lock
-                while exclusive and self._users.get(gpu.uuid):
+                while exclusive and self._users.get(gpu.uuid) and not self._cancelled:
                     self._cond.wait()
+                if self._cancelled:
+                    raise Cancelled()
                 self._users[gpu.uuid] = self._users.get(gpu.uuid, 0) + 1
-            use = self._use_lock(gpu, exclusive)
-            yield gpu
+            try:
+                lease._use = self._use_lock(gpu, exclusive)
+                try:
+                    yield lease
+                finally:
+                    if lease._use is not None:
+                        os.close(lease._use)  # closing the descriptor drops its flock
+            finally:
+                with self._cond:
+                    self._users[gpu.uuid] -= 1
+                    self._cond.notify_all()
         finally:
-            self.give_back(gpu)
-            if use is not None:
-                os.close(use)  # closing the descriptor drops its flock
-            with self._cond:
-                self._users[gpu.uuid] -= 1
-                self._cond.notify_all()
+            self._give_back(lease)
 
-    def give_back(self, gpu: Gpu) -> None:
-        """End GPU's compile lease now (idempotent): another compile may take it. Its block still uses the GPU."""
+    def cancel(self) -> None:
+        """Ctrl-C: every wait for a GPU raises Cancelled from now on."""
         with self._cond:
-            if gpu.uuid not in self._lent:
-                return
-            lock = self._lent.pop(gpu.uuid)
-        if lock is not None:
-            lock.release()
-        with self._cond:
-            self._free.append(gpu)
-            self._free.sort(key=self.gpus.index)
+            self._cancelled = True
             self._cond.notify_all()
 
+    def _give_back(self, lease: Lease) -> None:
+        with self._cond:
+            if lease._given_back:
+                return
+            lease._given_back = True
+        try:
+            if lease.exclusive and lease._use is not None:  # a compile that timed kernels, now checking: shared use
+                import fcntl
+
+                try:
+                    fcntl.flock(lease._use, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:
+                    pass
+            if lease._lock is not None:
+                lease._lock.release()
+        finally:
+            with self._cond:
+                self._free.append(lease.gpu)
+                self._free.sort(key=self.gpus.index)
+                self._cond.notify_all()
+
     def _use_lock(self, gpu: Gpu, exclusive: bool) -> int | None:
-        """A descriptor holding `gpu-<uuid>.use` shared (exclusive: alone, waiting for other processes' users)."""
+        """A descriptor holding `gpu-<uuid>.use` shared (exclusive: alone, waiting for other processes' users); None
+        without a lock folder or where the file system has no flock (then other processes' users are not seen)."""
         if self.lock_dir is None:
             return None
+        import errno
         import fcntl
 
-        fd = os.open(self.lock_dir / f"gpu-{gpu.uuid}.use", os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # read-only suffices for flock, and works on a file another user created
+            fd = os.open(self.lock_dir / f"gpu-{gpu.uuid}.use", os.O_RDONLY | os.O_CREAT, 0o666)
+        except OSError:
+            return None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            while True:
+                try:
+                    fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                    return fd
+                except BlockingIOError:
+                    pass
+                except OSError as e:
+                    if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                        os.close(fd)
+                        return None
+                    raise
+                if self._cancelled:
+                    raise Cancelled()
+                time.sleep(min(self.poll, 0.1))
         except BaseException:
             os.close(fd)
             raise
-        return fd
 
     def _take(self) -> tuple[Gpu, Any]:
         while True:
             with self._cond:
-                while not self._free:
+                while not self._free and not self._cancelled:
                     self._cond.wait()
+                if self._cancelled:
+                    raise Cancelled()
                 candidates = list(self._free)
                 if self.lock_dir is None:
                     gpu = candidates[0]
@@ -184,12 +239,15 @@ class GpuPool:
                         continue
                     self._free.remove(gpu)
                 lock = self._file_lock(gpu)
-                if _try_acquire(lock):
-                    return gpu, lock
-                with self._cond:
-                    self._free.append(gpu)
-                    self._free.sort(key=self.gpus.index)
-                    self._cond.notify_all()
+                try:
+                    if _try_acquire(lock):
+                        return gpu, lock
+                finally:
+                    with self._cond:
+                        if not lock.is_locked:
+                            self._free.append(gpu)
+                            self._free.sort(key=self.gpus.index)
+                            self._cond.notify_all()
             time.sleep(self.poll)
 
     def _file_lock(self, gpu: Gpu) -> Any:
@@ -197,7 +255,7 @@ class GpuPool:
 
         assert self.lock_dir is not None
         self.lock_dir.mkdir(parents=True, exist_ok=True)
-        # Not thread-local: give_back() releases it from the thread that watches the worker's phases.
+        # Not thread-local: Lease.give_back() releases it from the thread that watches the worker's phases.
         return FileLock(str(self.lock_dir / f"gpu-{gpu.uuid}.lock"), thread_local=False)
 
 

@@ -155,7 +155,8 @@ def test_gpu_pool_lends_each_gpu_to_one_user_and_takes_it_back_on_failure(tmp_pa
 
     def work(i: int) -> None:
         try:
-            with pool.acquire() as gpu:
+            with pool.acquire() as lease:
+                gpu = lease.gpu
                 with mutex:
                     holders[gpu.uuid] = holders.get(gpu.uuid, 0) + 1
                     seen.add(gpu.uuid)
@@ -192,7 +193,7 @@ def test_gpu_pool_skips_a_gpu_another_process_holds(tmp_path: Path) -> None:
         assert holder.stdout.readline().strip() == "held"
         pool = GpuPool(gpus, locks, poll=0.01)
         with pool.acquire() as first:
-            assert first.uuid == uuid(1)  # GPU 0 is busy in the other process
+            assert first.gpu.uuid == uuid(1)  # GPU 0 is busy in the other process
             got: list[str] = []
             t = threading.Thread(target=lambda: got.append(_take(pool)))
             t.start()
@@ -206,49 +207,133 @@ def test_gpu_pool_skips_a_gpu_another_process_holds(tmp_path: Path) -> None:
         holder.kill()
 
 
+def _until(cond, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
 @pytest.mark.parametrize("locks", [True, False], ids=["lock-folder", "read-only-store"])
-def test_a_gpu_given_back_early_takes_the_next_compile_but_a_measurement_waits_for_every_user(tmp_path: Path,
-                                                                                             locks: bool) -> None:
+def test_early_give_back_lends_the_gpu_to_one_compile_at_a_time_and_a_measurement_runs_alone(tmp_path: Path,
+                                                                                            locks: bool) -> None:
+    """Three compiles and a measurement on one GPU, each lease ended by the test. A compile gives the GPU back early
+    (from another thread, as the build's phase watcher does); the next compile takes it while the first is still
+    checking; when the first then ends, the lease the second holds is not ended with it (the third still waits);
+    an exclusive lease waits for every user, and nothing starts beside it."""
     pool = GpuPool([Gpu.from_info(d) for d in _gpus(H100)], tmp_path / "locks" if locks else None, poll=0.01)
     events: list[str] = []
-    checking, done = threading.Event(), threading.Event()
+    gates = {name: threading.Event() for name in ("first-written", "first-end", "second-written", "second-end",
+                                                   "third-end", "measure-end")}
 
-    def first() -> None:  # compiles, gives the GPU back once its artifact is written, then checks for a while
-        with pool.acquire() as gpu:
-            events.append("first compiles")
-            watcher = threading.Thread(target=pool.give_back, args=(gpu,))  # as the build's phase watcher does
-            watcher.start()
-            watcher.join()
-            pool.give_back(gpu)  # idempotent
-            checking.set()
-            done.wait(10)
-            events.append("first checked")
-
-    def second() -> None:
-        checking.wait(10)
-        with pool.acquire():
-            events.append("second compiles")
-            done.set()
+    def compile_(name: str) -> None:
+        with pool.acquire() as lease:
+            events.append(f"{name} compiles")
+            if gates.get(f"{name}-written") is not None:
+                gates[f"{name}-written"].wait(20)
+                events.append(f"{name} gives back")
+                watcher = threading.Thread(target=lease.give_back)
+                watcher.start()
+                watcher.join()
+                lease.give_back()  # idempotent
+            gates[f"{name}-end"].wait(20)
+        events.append(f"{name} ended")
 
     def measure() -> None:
-        checking.wait(10)
-        time.sleep(0.1)  # after the second compile took the GPU
+        with pool.acquire(exclusive=True):
+            events.append("measure runs")
+            gates["measure-end"].wait(20)
+        events.append("measure ended")
+
+    threads = {n: threading.Thread(target=compile_, args=(n,)) for n in ("first", "second", "third")}
+    threads["first"].start()
+    assert _until(lambda: "first compiles" in events)
+    threads["second"].start()
+    time.sleep(0.2)
+    assert "second compiles" not in events  # one compile at a time
+    gates["first-written"].set()
+    assert _until(lambda: "second compiles" in events), events  # beside the first one's check
+    threads["third"].start()
+    gates["first-end"].set()
+    assert _until(lambda: "first ended" in events)
+    time.sleep(0.3)
+    assert "third compiles" not in events, events  # the first one's end did not end the second's lease
+    gates["second-written"].set()
+    assert _until(lambda: "third compiles" in events), events
+    m = threading.Thread(target=measure)
+    m.start()
+    gates["second-end"].set()
+    time.sleep(0.3)
+    assert "measure runs" not in events, events  # the third still compiles on the GPU
+    gates["third-end"].set()
+    assert _until(lambda: "measure runs" in events), events
+    late = threading.Thread(target=compile_, args=("late",))
+    gates["late-end"] = threading.Event()
+    late.start()
+    time.sleep(0.3)
+    assert "late compiles" not in events, events  # nothing starts beside a measurement
+    gates["measure-end"].set()
+    assert _until(lambda: "late compiles" in events), events
+    gates["late-end"].set()
+    for t in [*threads.values(), m, late]:
+        t.join(timeout=20)
+    assert events.index("second gives back") < events.index("third compiles") < events.index("measure runs")
+
+
+def test_an_exclusive_lease_waits_for_a_check_still_running(tmp_path: Path) -> None:
+    pool = GpuPool([Gpu.from_info(d) for d in _gpus(H100)], tmp_path / "locks", poll=0.01)
+    events: list[str] = []
+    checking, end = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with pool.acquire() as lease:
+            lease.give_back()
+            checking.set()
+            end.wait(20)
+            events.append("check ended")
+
+    def measure() -> None:
         with pool.acquire(exclusive=True):
             events.append("measured")
 
-    threads = [threading.Thread(target=f) for f in (first, second, measure)]
-    for t in threads:
+    a = threading.Thread(target=first)
+    a.start()
+    checking.wait(10)
+    b = threading.Thread(target=measure)
+    b.start()
+    time.sleep(0.4)
+    assert events == []  # the GPU is free of compiles, but the first one's check still uses it
+    end.set()
+    a.join(20)
+    b.join(20)
+    assert events == ["check ended", "measured"]
+
+
+def test_cancel_ends_every_wait_for_a_gpu(tmp_path: Path) -> None:
+    from aitune_build.gpus import Cancelled
+
+    pool = GpuPool([Gpu.from_info(d) for d in _gpus(H100)], tmp_path / "locks", poll=0.01)
+    got: list[str] = []
+
+    def wait() -> None:
+        try:
+            with pool.acquire():
+                got.append("lent")
+        except Cancelled:
+            got.append("cancelled")
+
+    with pool.acquire():
+        t = threading.Thread(target=wait)
         t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads), events
-    # the second compile ran while the first was still being checked; the measurement had the GPU to itself
-    assert events == ["first compiles", "second compiles", "first checked", "measured"], events
+        time.sleep(0.2)
+        pool.cancel()
+        t.join(10)
+    assert got == ["cancelled"]
 
 
 def _take(pool: GpuPool) -> str:
-    with pool.acquire() as gpu:
-        return gpu.uuid
+    with pool.acquire() as lease:
+        return lease.gpu.uuid
 
 
 # --- a real build, its eager targets treated as GPU-bound (the test hook) -------------------------------------
@@ -421,9 +506,9 @@ class Probe(torch.nn.Module):
 
     def forward(self, input):
         if self.i == 0 and not torch.compiler.is_exporting():
-            # t0's eager reference, run by its check: wait (at most 20 s) for t1's worker to construct its module
+            # t0's eager reference, run by its check: wait (at most wait_s) for t1's worker to construct its module
             t0 = time.time()
-            while not os.path.exists(os.path.join(LOG, "constructed-1")) and time.time() - t0 < 20:
+            while not os.path.exists(os.path.join(LOG, "constructed-1")) and time.time() - t0 < {wait_s}:
                 time.sleep(0.05)
             with open(os.path.join(LOG, "t0-check-saw-t1"), "w") as f:
                 f.write(str(os.path.exists(os.path.join(LOG, "constructed-1"))))
@@ -437,11 +522,9 @@ def build(i=0):
 '''
 
 
-@pytest.mark.slow
-def test_the_next_target_compiles_on_the_gpu_while_the_previous_one_is_checked(tmp_path: Path, on_path,
-                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """One (fake) GPU, two export targets treated as GPU-bound: t1's worker starts once t0's artifact is written,
-    while t0 is still being checked; without that overlap t0's check would wait 20 s and see nothing."""
+def _overlap_project(tmp_path: Path, on_path, monkeypatch: pytest.MonkeyPatch, wait_s: int = 20) -> tuple[Path, Path]:
+    """(log folder, project root): two export targets treated as GPU-bound on one fake GPU; t0's check waits up to
+    wait_s for t1's module to be constructed."""
     monkeypatch.setenv(TEST_GPU_BOUND_ENV, "export")
     monkeypatch.delenv("AITUNE_GPU_OVERLAP", raising=False)
     on_path(fake_smi(tmp_path / "smi", [H100]))
@@ -450,10 +533,53 @@ def test_the_next_target_compiles_on_the_gpu_while_the_previous_one_is_checked(t
     root = tmp_path / "p"
     (root / "models").mkdir(parents=True)
     (root / "models/__init__.py").write_text("")
-    (root / "models/probe.py").write_text(OVERLAP_PROBE.format(log=str(log)))
+    (root / "models/probe.py").write_text(OVERLAP_PROBE.format(log=str(log), wait_s=wait_s))
     (root / "aitune.toml").write_text(OVERLAP.format())
+    return log, root
+
+
+@pytest.mark.slow
+def test_the_next_target_compiles_on_the_gpu_while_the_previous_one_is_checked(tmp_path: Path, on_path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """One (fake) GPU, two export targets treated as GPU-bound: t1's worker starts once t0's artifact is written,
+    while t0 is still being checked; without that overlap t0's check would wait 20 s and see nothing."""
+    log, root = _overlap_project(tmp_path, on_path, monkeypatch)
     code, out, data = run_cli(root, "build", "--json", "t0", "t1")
     assert code == 0, out
     assert [t["status"] for t in data["targets"]] == ["built", "built"]
     assert {t["gpu"]["uuid"] for t in data["targets"]} == {uuid(0)}
     assert (log / "t0-check-saw-t1").read_text() == "True"
+
+
+@pytest.mark.slow
+def test_a_target_waiting_for_its_gpu_counts_as_still_to_come(tmp_path: Path, on_path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a compile and a check per GPU in flight, the second target is handed to a thread (it waits there for
+    the GPU) before the first one starts: the runner must still see it as pending, or a warm server would not fork
+    the spare that imports torch_tensorrt for it ahead of time (workers.py)."""
+    from aitune_build.executor import BuildOptions, LocalRunner, build
+    from aitune_build.plan import select
+    from aitune_build.project import Project
+
+    _, root = _overlap_project(tmp_path, on_path, monkeypatch, wait_s=0)
+    seen: dict[str, set[str]] = {}
+
+    class Observed(LocalRunner):  # the real runner; it notes what is still to come when each target gets its GPU
+        def compile(self, project, name, backend, artifact_dir, upstream, log, started, entry=None):  # noqa: ANN001
+            def noted(where):  # noqa: ANN001
+                started(where)
+                seen[name] = set(self.pending_kinds())
+
+            return super().compile(project, name, backend, artifact_dir, upstream, log, noted, entry)
+
+    project = Project.open(root / "aitune.toml")
+    try:
+        runner = Observed(project, 1)
+        runner.kinds = {"export"}
+        results = build(project, select(project.manifest.model, ["t0", "t1"]), BuildOptions(), runner=runner)
+    finally:
+        project.close()
+    assert [r.status for r in results] == ["built", "built"], [r.reason for r in results]
+    first, second = list(seen)  # in the order they got the GPU (either may win it)
+    assert seen[first] == {"export"}, seen  # the other one waited for the GPU in its thread: still to come
+    assert seen[second] == set(), seen

@@ -105,6 +105,12 @@ class Backend:
     load_reads_only: ClassVar[bool] = False
 
     @property
+    def times_kernels(self) -> bool:
+        """Whether compiling times kernels on the GPU to choose them (TensorRT's tactics, Inductor's autotuning): such
+        a compile must not run beside another target's check, whose GPU work would skew what it picks."""
+        return False
+
+    @property
     def exported_program(self) -> bool:
         """Whether the artifact is a saved ExportedProgram, which names Python types and operators that a loading
         process must have registered (see loadable.py)."""

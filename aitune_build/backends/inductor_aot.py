@@ -41,6 +41,10 @@ class InductorAotBackend(Backend):
             )
         return {}
 
+    @property
+    def times_kernels(self) -> bool:  # type: ignore[override]
+        return any(v for k, v in self.config.inductor_configs.items() if "autotune" in str(k))
+
     def load(self, ctx: BuildContext):
         import torch
 

@@ -29,6 +29,11 @@ class InductorJitBackend(Backend):
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx")
     revision = 3  # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic)
 
+    @property
+    def times_kernels(self) -> bool:  # type: ignore[override]
+        c = self.config
+        return "autotune" in (c.mode or "") or any(v for k, v in c.options.items() if "autotune" in str(k))
+
     def _compile(self, ctx: BuildContext):
         import torch
 

@@ -145,6 +145,13 @@ def distribution() -> tuple[str, bool] | None:
     return (hit[1], hit[0] == "torch-tensorrt-rtx") if hit else None
 
 
+def times_kernels() -> bool:
+    """NVIDIA TensorRT's builder times tactics while compiling; TensorRT-RTX picks kernels at run time, in each process
+    that runs the engine, so its compile does not (and its artifact does not depend on what ran beside it)."""
+    dist = distribution()
+    return not (dist is not None and dist[1])
+
+
 # The C++ libraries `import torch_tensorrt` registers with torch (its first that exists): the tensorrt ops and the
 # tensorrt::Engine class that saved programs and TorchScript modules name.
 RUNTIME_LIBRARIES = ("libtorchtrt.so", "libtorchtrt_runtime.so")

@@ -41,6 +41,10 @@ class TorchTensorRTAotBackend(Backend):
     def exported_program(self) -> bool:
         return self.config.output_format == "exported_program"
 
+    @property
+    def times_kernels(self) -> bool:  # type: ignore[override]
+        return trt.times_kernels()
+
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())
 

@@ -34,6 +34,10 @@ class TorchTensorRTJitBackend(Backend):
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
 
+    @property
+    def times_kernels(self) -> bool:  # type: ignore[override]
+        return trt.times_kernels()
+
     def unavailable(self) -> str | None:
         return trt.unavailable(super().unavailable())
 

@@ -153,8 +153,10 @@ class GpuPool:
                 try:
                     yield lease
                 finally:
-                    if lease._use is not None:
-                        os.close(lease._use)  # closing the descriptor drops its flock
+                    with self._cond:  # not while a give_back() from another thread uses it
+                        fd, lease._use = lease._use, None
+                    if fd is not None:
+                        os.close(fd)  # closing the descriptor drops its flock
             finally:
                 with self._cond:
                     self._users[gpu.uuid] -= 1
@@ -173,7 +175,6 @@ class GpuPool:
             if lease._given_back:
                 return
             lease._given_back = True
-        try:
             if lease.exclusive and lease._use is not None:  # a compile that timed kernels, now checking: shared use
                 import fcntl
 
@@ -181,6 +182,7 @@ class GpuPool:
                     fcntl.flock(lease._use, fcntl.LOCK_SH | fcntl.LOCK_NB)
                 except OSError:
                     pass
+        try:
             if lease._lock is not None:
                 lease._lock.release()
         finally:

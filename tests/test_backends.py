@@ -124,3 +124,26 @@ def test_trace_shapes_avoid_1_and_sizes_other_axes_have() -> None:
                         spec("m", Axis(min=1, opt=1, max=8, dim="batch"), Axis(min=1, opt=1, max=9, dim=None)),
                         spec("one", Axis(min=1, opt=1, max=1, dim=None))])
     assert got == {"x": (4, 2, 3), "m": (4, 5), "one": (1,)}
+
+
+def test_which_compiles_time_kernels_and_so_take_their_gpu_alone(tmp_path: Path) -> None:
+    """A compile that times kernels must not run beside another target's check (gpus.GpuPool, exclusive)."""
+    from aitune_build.backends import backend_for
+    from aitune_build.backends.tensorrt_common import distribution
+    from aitune_build.manifest import load_manifest
+
+    (tmp_path / "aitune.toml").write_text(
+        '[project]\nname = "k"\n'
+        '[backends.exp]\nkind = "export"\n'
+        '[backends.aoti]\nkind = "inductor_aot"\n'
+        '[backends.aoti_tuned]\nkind = "inductor_aot"\ninductor_configs = { max_autotune = true }\n'
+        '[backends.jit]\nkind = "inductor_jit"\n'
+        '[backends.jit_mode]\nkind = "inductor_jit"\nmode = "max-autotune"\n'
+        '[backends.jit_options]\nkind = "inductor_jit"\noptions = { max_autotune_gemm = true }\n'
+        '[backends.trt]\nkind = "torch_tensorrt_aot"\n'
+        '[backends.trt_jit]\nkind = "torch_tensorrt_jit"\n')
+    configs = load_manifest(tmp_path / "aitune.toml").model.backends
+    times = {name: backend_for(c.kind)(c).times_kernels for name, c in configs.items()}
+    rtx = (distribution() or ("", False))[1]  # TensorRT-RTX picks kernels at run time; NVIDIA TensorRT's builder times
+    assert times == {"exp": False, "aoti": False, "aoti_tuned": True, "jit": False, "jit_mode": True, "jit_options": True,
+                     "trt": not rtx, "trt_jit": not rtx}

@@ -113,6 +113,9 @@ def test_run_serves_the_export_artifact_and_runs_eager_whatever_does_not_match(b
     t = debug["targets"]["mlp_export"]
     assert t["status"] == "serving"
     assert t["served_calls"] == 4  # batches 1, 4, 8 (inside the built range [1..8]) and 2 after eval() again
+    # where a served start's time went (the GPU serving benchmark reports these)
+    assert set(t["timings"]) == {"check", "weights_digest", "load", "first_call"}, t["timings"]
+    assert all(isinstance(v, float) and 0 <= v < 60 for v in t["timings"].values()), t["timings"]
     # batch 9 (out of range), another instance's weights, training mode, a replaced submodule, weights loaded later
     assert t["eager_reasons"] == {"shape": 1, "weights": 3, "training": 1}
     err = proc.stderr

@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,7 @@ class ServedTarget:
         self.error: str | None = None  # the traceback of what made it fail (debug record only)
         self.served_calls = 0
         self.eager_calls = 0
+        self.timings: dict[str, float] = {}  # seconds: check, weights_digest, load, first_call (the debug record)
         self.eager_reasons: dict[str, int] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
@@ -129,7 +131,9 @@ class ServedTarget:
 
                     self.dtypes = {n: getattr(torch, s["dtype"]) for n, s in self.specs.items()}
                     self.out_dtype = next((d for d in self.dtypes.values() if d.is_floating_point), torch.float32)
+                    t0 = time.perf_counter()
                     loaded = load(self.name, self.manifest)
+                    self.timings["load"] = round(time.perf_counter() - t0, 4)
                     self.fn = getattr(loaded, "fn", loaded)  # the backend's callable: inputs are bound by name here
                     self.status = "serving"
                 except Exception as e:  # noqa: BLE001
@@ -147,7 +151,7 @@ class ServedTarget:
 
     def debug(self) -> dict[str, Any]:
         found = {"status": self.status, "class": self.qualname, "served_calls": self.served_calls,
-                 "eager_calls": self.eager_calls, "eager_reasons": dict(self.eager_reasons)}
+                 "eager_calls": self.eager_calls, "eager_reasons": dict(self.eager_reasons), "timings": dict(self.timings)}
         if self.error:
             found["error"] = self.error
         return found
@@ -192,6 +196,7 @@ def _check_target(manifest: str, module: Any, target: str, qualname: str, record
     from ..project import Project, survey
 
     build_on_start = os.environ.get("AITUNE_BUILD_ON_START") == "1"
+    t0 = time.perf_counter()
     try:
         project = Project.open(manifest, readonly_cache=True)
         found = survey(project, select(project.manifest.model, [target]))[target]
@@ -232,6 +237,7 @@ def _check_target(manifest: str, module: Any, target: str, qualname: str, record
             warn(f"{target}: the application imported {qualname} from {live}, which differs from {rel} in the target's key; running eager")
             return None
     served = ServedTarget(manifest, target, record, qualname)
+    served.timings["check"] = round(time.perf_counter() - t0, 4)
     TARGETS[target] = served
     return served
 
@@ -370,6 +376,7 @@ class ServedForward:
             module.__dict__[_STATE] = _Unmatched([], "hook")
             return original(module, *args, **kwargs)
         _inside.active = True
+        t0 = time.perf_counter() if not target.served_calls else 0.0
         try:
             out = target.fn(**inputs)
         except Exception as e:  # noqa: BLE001
@@ -377,6 +384,8 @@ class ServedForward:
             return original(module, *args, **kwargs)
         finally:
             _inside.active = False
+        if not target.served_calls:
+            target.timings["first_call"] = round(time.perf_counter() - t0, 4)
         target.served_calls += 1
         if target.cast is not None:
             out = _uncast(out, target.out_dtype)
@@ -387,7 +396,11 @@ class ServedForward:
         from .identity import state_digest
 
         with self._lock:
+            t0 = time.perf_counter()
             digest = state_digest(module)
+            took = round(time.perf_counter() - t0, 4)
+            for t in self.targets:
+                t.timings.setdefault("weights_digest", took)
             match: ServedTarget | _Unmatched | None = next((t for t in self.targets if t.state_xxh3 == digest), None)
             if match is None:
                 for t in self.targets:

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_session.sh retest     # GPU 0: the failed GPU tests again    | GPU 1: tuning benchmark
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
 #   bash benchmarks/gpu_session.sh warm       # GPU 0: benchmarks/gpu_warm.py       | GPU 1: benchmarks/gpu_serve.py
+#   bash benchmarks/gpu_session.sh overlap    # compile beside check, on vs off: GPU 0 six targets | GPU 1 eight TRT
 #
 # Where two things share a phase they run on different GPUs at the same time (the host has 16-32 cores); the
 # benchmarks interleave their own baselines, so a busy neighbour hits both sides of each ratio.
@@ -61,8 +62,17 @@ warm)
    echo "gpu_serve exit $? at $(stamp)" >>"$OUT/gpu-serve.log") &
   wait
   ;;
+overlap)  # alternated on/off (AITUNE_GPU_OVERLAP), each side on its own GPU so that neither run disturbs the other
+  (CUDA_VISIBLE_DEVICES=0 timeout 480 $py benchmarks/gpu_warm.py --overlap-ab 3 --project /tmp/aitune-warm-ab \
+      --out "$OUT/gpu-warm-overlap-ab.json" >"$OUT/gpu-warm-overlap-ab.log" 2>&1
+   echo "gpu_warm exit $? at $(stamp)" >>"$OUT/gpu-warm-overlap-ab.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py benchmarks/gpu_multi.py --gpus-a 0 --order a,a-off,a,a-off --budget-s 440 \
+      --out "$OUT/gpu-multi-overlap.json" >"$OUT/gpu-multi-overlap.log" 2>&1
+   echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi-overlap.log") &
+  wait
+  ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm|overlap" >&2
   exit 2
   ;;
 esac

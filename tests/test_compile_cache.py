@@ -30,9 +30,19 @@ FIRST_CALL = """
 import json, sys, torch
 import aitune_build
 from torch._dynamo.utils import counters
+import torch._inductor.cpp_builder as builder
+compiled = []  # the C++ compiles this process runs (the compiler's command lines)
+run = builder._run_compile_cmd
+builder._run_compile_cmd = lambda cmd, cwd: (compiled.append(cmd), run(cmd, cwd))[1]
 fn = aitune_build.load("small_jit", manifest=sys.argv[1])
 fn(torch.randn(4, 8))
-print(json.dumps({k: dict(counters[k]) for k in ("inductor", "aot_autograd")}))
+from torch._inductor.cpu_vec_isa import VecISA
+from torch._inductor.runtime.runtime_utils import cache_dir
+from pathlib import Path
+probes = [str(p) for p in Path(cache_dir()).rglob("*.cpp") if p.read_text() == VecISA._avx_code]
+found = {k: dict(counters[k]) for k in ("inductor", "aot_autograd")}
+found["isa_probe_compiled"] = any(p in cmd for p in probes for cmd in compiled)
+print(json.dumps(found))
 """
 
 
@@ -65,10 +75,14 @@ def test_inductor_jit_stores_compile_caches_and_load_restores_them(project: Path
     assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1, warm
     assert warm["inductor"].get("fxgraph_cache_miss", 0) == 0, warm
     assert all((tmp_path / "inductor-warm" / k).is_file() for k in kernels)  # put where Inductor looks for them
+    # Inductor's vector-ISA check (a test library it compiles in an empty cache folder, 3 s of a 5 s first call here)
+    # came with the kernels too
+    assert warm["isa_probe_compiled"] is False, warm
 
     cache.unlink()  # without the stored caches the same fresh process compiles from scratch: the check above can fail
     cold = first_call_counters(project, tmp_path, "cold")
     assert cold["inductor"].get("fxgraph_cache_hit", 0) == 0 and cold["inductor"].get("fxgraph_cache_miss", 0) >= 1, cold
+    assert cold["isa_probe_compiled"] is True, cold  # the probe detection above can see a compile
 
 
 DYNAMIC = JIT.replace('[4, 8]', '[{ dim = "batch", min = 1, opt = 4, max = 8 }, 8]')

@@ -27,7 +27,9 @@ class InductorJitBackend(Backend):
     takes_from = True
     artifact = "record.json"
     preload = ("torch", "torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx")
-    revision = 3  # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic)
+    # 2: PyTorch's compile caches stored with the record; 3: dynamic axes marked (compile_cache.MarkDynamic);
+    # 4: Inductor's vector-ISA check library stored with the kernels (compile_cache._isa_probes)
+    revision = 4
 
     @property
     def times_kernels(self) -> bool:  # type: ignore[override]

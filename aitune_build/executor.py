@@ -129,6 +129,9 @@ class LocalRunner(Runner):
         self.kinds: set[str] = set()  # backend kinds of the build's targets: what warm workers preload
         self._workers: Workers | None = None  # started at the first compile: a no-op build starts none
         self._workers_lock = threading.Lock()
+        from .gpus import overlap_checks
+
+        self.overlap = overlap_checks()  # a GPU compiles the next target while the previous one is checked
 
     def workers(self) -> Workers:
         with self._workers_lock:
@@ -163,10 +166,8 @@ class LocalRunner(Runner):
     def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
         if not gpu_bound:
             return self.jobs
-        from .gpus import overlap_checks
-
         # Per GPU, one target compiling and one being checked (the pool lends each GPU to one compile at a time).
-        return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) * (2 if overlap_checks() else 1)
+        return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) * (2 if self.overlap else 1)
 
     def unavailable(self, backend: Any) -> str | None:
         if backend.needs_gpu and not self.project.fingerprinter.gpu_plan.gpus:
@@ -179,11 +180,11 @@ class LocalRunner(Runner):
         if not backend.needs_gpu:
             started({})
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
-        from .gpus import Cancelled, overlap_checks
+        from .gpus import Cancelled
         from .worker import ARTIFACT_WRITTEN
         from .workers import family_of
 
-        overlap = overlap_checks()
+        overlap = self.overlap
         try:
             # A compile that times kernels (TensorRT's tactics, Inductor's autotuning) has the GPU to itself: it waits
             # for the checks of earlier targets still running there.

@@ -186,10 +186,13 @@ class GpuPool:
             if lease._lock is not None:
                 lease._lock.release()
         finally:
-            with self._cond:
-                self._free.append(lease.gpu)
-                self._free.sort(key=self.gpus.index)
-                self._cond.notify_all()
+            self._put_back(lease.gpu)
+
+    def _put_back(self, gpu: Gpu) -> None:
+        with self._cond:
+            self._free.append(gpu)
+            self._free.sort(key=self.gpus.index)
+            self._cond.notify_all()
 
     def _use_lock(self, gpu: Gpu, exclusive: bool) -> int | None:
         """A descriptor holding `gpu-<uuid>.use` shared (exclusive: alone, waiting for other processes' users); None
@@ -245,11 +248,8 @@ class GpuPool:
                     if _try_acquire(lock):
                         return gpu, lock
                 finally:
-                    with self._cond:
-                        if not lock.is_locked:
-                            self._free.append(gpu)
-                            self._free.sort(key=self.gpus.index)
-                            self._cond.notify_all()
+                    if not lock.is_locked:  # another aitune-build holds it (or the attempt failed)
+                        self._put_back(gpu)
             time.sleep(self.poll)
 
     def _file_lock(self, gpu: Gpu) -> Any:

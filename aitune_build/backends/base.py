@@ -36,6 +36,11 @@ class BackendConfig(Spec):
         return "float32"
 
 
+def autotunes(settings: dict[str, Any]) -> bool:
+    """Whether Inductor settings (config overrides, torch.compile options) turn on an autotuning option."""
+    return any(v for k, v in settings.items() if "autotune" in str(k))
+
+
 @dataclass
 class BuildContext:
     """What a backend gets to build or load one target. Built in the worker process (torch is imported there)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..spec import option
-from .base import Backend, BackendConfig, BuildContext
+from .base import Backend, BackendConfig, BuildContext, autotunes
 from .export import ExportBackend, export_program
 
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
@@ -43,7 +43,7 @@ class InductorAotBackend(Backend):
 
     @property
     def times_kernels(self) -> bool:  # type: ignore[override]
-        return any(v for k, v in self.config.inductor_configs.items() if "autotune" in str(k))
+        return autotunes(self.config.inductor_configs)
 
     def load(self, ctx: BuildContext):
         import torch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from . import compile_cache
 from ..spec import option
-from .base import Backend, BackendConfig, BuildContext
+from .base import Backend, BackendConfig, BuildContext, autotunes
 
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ class InductorJitBackend(Backend):
     @property
     def times_kernels(self) -> bool:  # type: ignore[override]
         c = self.config
-        return "autotune" in (c.mode or "") or any(v for k, v in c.options.items() if "autotune" in str(k))
+        return "autotune" in (c.mode or "") or autotunes(c.options)
 
     def _compile(self, ctx: BuildContext):
         import torch

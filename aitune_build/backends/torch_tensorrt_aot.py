@@ -95,14 +95,15 @@ class TorchTensorRTAotBackend(Backend):
             return trt.CastingCall(_Positional(torch._inductor.aoti_load_package(path), [s.name for s in ctx.inputs]), cast)
         # Serving loads an engine, it compiles nothing: the runtime library, not the whole torch_tensorrt package.
         trt.load_runtime()
+        read = torch.jit.load if self.config.output_format == "torchscript" else torch.export.load
         try:
-            loaded = torch.jit.load(path) if self.config.output_format == "torchscript" else torch.export.load(path)
+            loaded = read(path)
         except Exception:
             if "torch_tensorrt" in sys.modules:
                 raise
             import torch_tensorrt  # noqa: F401  (what else the package registers, should the runtime alone fall short)
 
-            loaded = torch.jit.load(path) if self.config.output_format == "torchscript" else torch.export.load(path)
+            loaded = read(path)
         if self.config.output_format == "torchscript":
             return trt.CastingCall(_Positional(loaded, [s.name for s in ctx.inputs]), cast)
         from .exported import ProgramCall

@@ -827,6 +827,98 @@ def cache_prune(obj: _Ctx, remote_flag: bool, older_than: str, dry_run: bool, as
     _run(go)
 
 
+@main.group()
+def server() -> None:
+    """The persistent build servers (AITUNE_BUILD_SERVER=1): status, stop."""
+
+
+def _servers_json() -> list[dict[str, Any]]:
+    import time
+
+    from .daemon import servers
+
+    return [{"socket": str(path), "pid": hello.get("pid"), "up_s": round(time.time() - hello.get("since", time.time()), 1),
+             "imports_s": round(hello.get("imports", 0.0), 2), "modules": hello.get("modules"),
+             "builds_connected": max(0, hello.get("clients", 1) - 1)} for path, hello in servers()]
+
+
+@server.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def server_status(as_json: bool) -> None:
+    """List this user's build servers that answer."""
+    found = _servers_json()
+    if as_json:
+        click.echo(json.dumps({"servers": found}, indent=2))
+        return
+    if not found:
+        click.echo("no build server running (AITUNE_BUILD_SERVER=1 keeps one up between builds)")
+    for row in found:
+        click.echo(f"pid {row['pid']}: up {row['up_s']:.0f} s, {row['builds_connected']} build(s) connected, "
+                   f"{row['modules']} modules preloaded in {row['imports_s']} s ({row['socket']})")
+
+
+@server.command("start")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def server_start(obj: _Ctx, as_json: bool) -> None:
+    """Start the build server for this project's backends now (e.g. while a CI job checks out), so that the first
+    build with AITUNE_BUILD_SERVER set finds it warm. Without AITUNE_BUILD_SERVER it idles out after 600 s."""
+
+    def go() -> int:
+        import time
+
+        from .daemon import DEFAULT_IDLE_S, idle_seconds
+        from .executor import _kinds
+        from .workers import Workers, _ForkServer
+
+        try:
+            idle = idle_seconds() or DEFAULT_IDLE_S
+        except ValueError as e:
+            raise UserError(f"environment: {e}") from None
+        project = obj.open()
+        try:
+            man = project.manifest.model
+            workers = Workers(_kinds(man, list(man.targets)), idle)
+            t0 = time.perf_counter()
+            server = workers._server()
+            took = time.perf_counter() - t0
+        finally:
+            project.close()
+        if not isinstance(server, _ForkServer) or not server.persistent:
+            why = server if isinstance(server, str) else workers._attach_failed or "the server is not persistent"
+            if isinstance(server, _ForkServer):
+                server.close()
+            raise UserError(f"no build server: {why}")
+        up = time.time() - (server.since or time.time())
+        server.close()
+        if as_json:
+            click.echo(json.dumps({"pid": server.pid, "seconds": round(took, 3), "up_s": round(up, 1), "idle_s": idle}))
+        else:
+            click.echo(f"build server pid {server.pid} ready in {took:.1f} s (up {up:.0f} s; exits after {idle:.0f} s idle)")
+        return 0
+
+    _run(go)
+
+
+@server.command("stop")
+@click.option("--json", "as_json", is_flag=True)
+def server_stop(as_json: bool) -> None:
+    """Stop this user's build servers: they take no new build, and exit once the builds connected to them end."""
+    import signal
+
+    stopped = []
+    for row in _servers_json():
+        try:
+            os.kill(row["pid"], signal.SIGTERM)
+            stopped.append(row["pid"])
+        except (OSError, TypeError):
+            pass
+    if as_json:
+        click.echo(json.dumps({"stopped": stopped}, indent=2))
+    else:
+        click.echo(f"stopped {len(stopped)} build server(s)" + (f": pid {', '.join(map(str, stopped))}" if stopped else ""))
+
+
 @main.command()
 def schema() -> None:
     """Print the JSON Schema of aitune.toml."""

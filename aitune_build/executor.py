@@ -106,8 +106,13 @@ class Runner:
         """Stop compiles in flight (Ctrl-C). Local workers get the terminal's SIGINT themselves."""
         return None
 
-    # The backend kinds of the targets not yet handed out (set by build()): a runner may prepare for them.
-    pending_kinds: Callable[[], set[str]] = staticmethod(lambda: set())
+    # The backend kinds of the targets not yet handed out, one entry per target and kind (set by build()): a runner
+    # may prepare for them.
+    pending_kinds: Callable[[], list[str]] = staticmethod(lambda: [])
+
+    def schedule(self, man: Any, names: list[str]) -> list[str]:
+        """The order in which build() hands out targets that are ready (upstreams still come first)."""
+        return names
 
     def measuring_gpu(self) -> Any:
         """A context holding a GPU of this host for a tuned target's measurement (tune.py): the Gpu, or None."""
@@ -129,6 +134,15 @@ class LocalRunner(Runner):
         self.kinds: set[str] = set()  # backend kinds of the build's targets: what warm workers preload
         self._workers: Workers | None = None  # started at the first compile: a no-op build starts none
         self._workers_lock = threading.Lock()
+        self._primed = False
+        self.server_idle_s: float | None = None  # AITUNE_BUILD_SERVER: a persistent build server (daemon.py)
+        if os.environ.get("AITUNE_BUILD_SERVER"):
+            from .daemon import idle_seconds
+
+            try:
+                self.server_idle_s = idle_seconds()
+            except ValueError as e:
+                raise UserError(f"environment: {e}") from None
         from .gpus import overlap_checks
 
         self.overlap = overlap_checks()  # a GPU compiles the next target while the previous one is checked
@@ -138,7 +152,7 @@ class LocalRunner(Runner):
             if self._workers is None:
                 from .workers import Workers
 
-                self._workers = Workers(self.kinds)
+                self._workers = Workers(self.kinds, self.server_idle_s)
             return self._workers
 
     def _gpus(self) -> GpuPool:
@@ -174,9 +188,36 @@ class LocalRunner(Runner):
             return "needs an NVIDIA GPU with CUDA (nvidia-smi shows none visible; see --gpus / CUDA_VISIBLE_DEVICES)"
         return backend.unavailable()
 
+    def schedule(self, man: Any, names: list[str]) -> list[str]:
+        # Targets whose workers import libraries late (torch_tensorrt: SPARE_IMPORTS) after the others: while the first
+        # export targets run, the spares primed at the first compile import those libraries beside them.
+        from .workers import SPARE_IMPORTS, family_of
+
+        def late(name: str) -> bool:
+            return any(SPARE_IMPORTS.get(family_of(k)) for k in _kind_list(man, [name]))
+
+        return sorted(names, key=late)  # stable: the manifest's order within each group
+
+    def _prime(self, workers: Workers) -> None:
+        """At the build's first compile: a spare for each GPU that a pending target importing libraries late will
+        need (one per such target, up to the GPUs), so that the first import runs beside other work, not in line."""
+        from .workers import SPARE_IMPORTS, family_of
+
+        with self._workers_lock:
+            if self._primed:
+                return
+            self._primed = True
+        late = [k for k in self.pending_kinds() if SPARE_IMPORTS.get(family_of(k))]
+        gpus = self.project.fingerprinter.gpu_plan.gpus
+        if not late or not gpus:
+            return
+        for gpu in gpus[:len(late)]:
+            workers.prime({"CUDA_VISIBLE_DEVICES": gpu.visible_devices}, late[0])
+
     def compile(self, project: Project, name: str, backend: Any, artifact_dir: Path, upstream: Path | None, log: Path,
                 started: Callable[[dict[str, Any]], None], entry: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         workers = self.workers()
+        self._prime(workers)
         if not backend.needs_gpu:
             started({})
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
@@ -233,7 +274,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     results: dict[str, TargetResult] = {}
     if runner is None:
         runner = LocalRunner(project, options.jobs)
-        runner.kinds = _kinds(man, order)
+        # A persistent server preloads for every target of the manifest: a build of any of them finds the same one.
+        runner.kinds = _kinds(man, order if runner.server_idle_s is None else list(man.targets))
     # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
     # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
     extra, gate = 0, None
@@ -265,8 +307,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
         except OSError as e:  # disk full, a folder removed by `clean` meanwhile, a read-only file system
             return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
-    pending = list(order)
-    runner.pending_kinds = lambda: _kinds(man, list(pending) + list(waiting))
+    pending = runner.schedule(man, list(order))
+    runner.pending_kinds = lambda: _kind_list(man, list(pending) + list(waiting))
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
@@ -335,6 +377,11 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 def _kinds(man: Any, names: list[str]) -> set[str]:
     """The backend kinds these targets build with (a tuned target's: its candidates')."""
     return {man.backends[b].kind for n in names for b in (man.targets[n].candidates or [man.targets[n].backend])}
+
+
+def _kind_list(man: Any, names: list[str]) -> list[str]:
+    """The backend kinds these targets build with, once per target and kind."""
+    return [k for n in names for k in {man.backends[b].kind for b in (man.targets[n].candidates or [man.targets[n].backend])}]
 
 
 def _gpu_bound(man: Any, name: str, known: dict[tuple[str, ...], bool] | None = None) -> bool:

@@ -21,7 +21,9 @@ and the modules the build's backends need (`Backend.preload`) — and never init
   forks a *spare* for the GPU a job was given (same CUDA_VISIBLE_DEVICES): it imports the family's libraries
   (`SPARE_IMPORTS`) while that GPU's current target compiles, then waits for the next job of that family on that
   GPU. It compiles nothing until it has one, so a GPU still runs one compile at a time; a spare left unused at the
-  end is killed with the server.
+  end is killed with the server. At the build's first compile, each GPU that a target of the family will need gets
+  a spare at once (`Workers.prime`), and the scheduler starts GPU targets without such imports (export) first, so
+  the first import runs beside them rather than in line.
 - Where fork is not available (not Linux, `AITUNE_WORKERS=subprocess`, or the server could not start), a worker is
   a fresh `python -m aitune_build.worker` process as before, and build.log says why.
 """
@@ -34,7 +36,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False  # typing is not imported at run time: a no-op build's scheduler reads SPARE_IMPORTS
+if TYPE_CHECKING:
+    from typing import Any
 
 # What every worker imports besides its backends' `preload` (run_job's own modules).
 COMMON_PRELOAD = ("aitune_build.worker", "aitune_build.check", "aitune_build.inputs", "aitune_build.factory")
@@ -86,12 +91,14 @@ class Interrupted(Exception):
 class Workers:
     """The build's worker processes: `run()` runs one job in a fresh child and returns its exit code."""
 
-    def __init__(self, kinds: set[str] | frozenset[str] = frozenset()) -> None:
+    def __init__(self, kinds: set[str] | frozenset[str] = frozenset(), server_idle_s: float | None = None) -> None:
         self.kinds = set(kinds)  # the backend kinds this build may run: what the server preloads
+        self.server_idle_s = server_idle_s  # a persistent build server that idles this long (daemon.py); None: per build
         self._server_now: _ForkServer | str | None = None  # the server, or why there is none
         self._lock = threading.Lock()
         self._plain: set[Any] = set()  # running plain subprocesses and starting servers, for interrupt()
         self._interrupted = False
+        self._attach_failed = ""  # why the persistent build server could not be used, for build.log
 
     def run(self, job: Path, log: Path, kind: str, env: dict[str, str], more: bool = False) -> int:
         """Run `python -m aitune_build.worker JOB` logic in a fresh process with ENV set on top of ours (before CUDA
@@ -106,7 +113,14 @@ class Workers:
         if isinstance(server, _ForkServer):
             late = list(SPARE_IMPORTS.get(family_of(kind), ()))
             with open(log, "wb") as f:
-                f.write(f"aitune-build: worker forked from the warm torch server (pid {server.pid})\n".encode())
+                if server.persistent:
+                    up = time.time() - (server.since or time.time())
+                    f.write(f"aitune-build: worker forked from the persistent build server (pid {server.pid}, up "
+                            f"{up:.0f} s)\n".encode())
+                else:
+                    f.write(f"aitune-build: worker forked from the warm torch server (pid {server.pid})\n".encode())
+                    if self._attach_failed:
+                        f.write(f"aitune-build: {self._attach_failed}\n".encode())
             try:
                 return server.run(job, log, env, late, spare=more and bool(late))
             except _ServerGone:
@@ -116,6 +130,19 @@ class Workers:
             f.write(f"aitune-build: worker in a fresh process ({server})\n".encode())
         return run_plain(job, log, env, self._track, append=True)
 
+    def prime(self, env: dict[str, str], kind: str) -> None:
+        """A target of KIND will run with ENV later: where its family imports libraries late (SPARE_IMPORTS), a spare
+        for ENV starts importing them now, beside whatever runs meanwhile. Best effort: no server, nothing to do."""
+        late = list(SPARE_IMPORTS.get(family_of(kind), ()))
+        if not late or self._interrupted:
+            return
+        server = self._server()
+        if isinstance(server, _ForkServer):
+            try:
+                server.prime(env, late)
+            except _ServerGone:
+                pass
+
     def _server(self) -> _ForkServer | str:
         with self._lock:
             server = self._server_now
@@ -123,7 +150,14 @@ class Workers:
                 server.close()
                 server = None
             if server is None:
-                server = fork_unavailable() or _ForkServer.start(preload_for(self.kinds), self._track)
+                server = fork_unavailable()
+                if server is None and self.server_idle_s is not None:
+                    server = _ForkServer.attach(preload_for(self.kinds), self._track, self.server_idle_s)
+                    if isinstance(server, str):  # noted in build.log; this build starts a server of its own
+                        self._attach_failed = server
+                        server = None
+                if server is None:
+                    server = _ForkServer.start(preload_for(self.kinds), self._track)
                 self._server_now = server
             return server
 
@@ -187,7 +221,10 @@ class _ForkServer:
     """Client side of one fork server: requests go out as JSON lines, a reader thread dispatches the replies."""
 
     def __init__(self, proc: Any, sock: Any, reader: Any, ready: dict[str, Any]):
-        self.proc, self.sock, self.pid = proc, sock, proc.pid
+        # proc: the server process this build started and owns; None for a persistent server (not ours to wait for)
+        self.proc, self.sock, self.pid = proc, sock, ready.get("pid") if proc is None else proc.pid
+        self.persistent = bool(ready.get("persistent"))
+        self.since = ready.get("since")
         self._file = reader
         self.import_seconds = ready.get("imports", 0.0)
         self._send_lock = threading.Lock()
@@ -200,20 +237,70 @@ class _ForkServer:
 
     @classmethod
     def start(cls, preload: list[str], track: Any) -> _ForkServer | str:
-        """A ready server, or why none could start (the reason is written to each build.log)."""
+        """A ready server for this build, or why none could start (the reason is written to each build.log)."""
+        ready = cls._spawn(preload, track)
+        if isinstance(ready, str):
+            return ready
+        proc, ours, reader, hello = ready
+        return cls(proc, ours, reader, hello)
+
+    @classmethod
+    def attach(cls, preload: list[str], track: Any, idle_s: float) -> _ForkServer | str:
+        """The user's persistent build server for this toolchain (daemon.py), started if none answers."""
+        from . import daemon
+
+        env = worker_env()
+        try:
+            path = daemon.socket_path(preload, env)
+        except OSError as e:
+            return f"no persistent build server: {e}"
+
+        def start() -> str | None:
+            ready = cls._spawn(preload, track, listen=(str(path), idle_s))
+            if isinstance(ready, str):
+                return ready
+            proc, ours, reader, _ = ready
+            reader.close()
+            ours.close()
+            track(proc, False)
+            return None
+
+        sock = daemon.connect(path, start)
+        if isinstance(sock, str):
+            return f"no persistent build server: {sock}"
+        reader = sock.makefile("rb")
+        try:
+            hello = json.loads(reader.readline() or b"{}")
+        except (OSError, ValueError):
+            hello = {}
+        if not hello.get("ready"):
+            sock.close()
+            return "no persistent build server: it closed the connection"
+        server = cls(None, sock, reader, hello)
+        server._send({"base_env": env})
+        return server
+
+    @staticmethod
+    def _spawn(preload: list[str], track: Any, listen: tuple[str, float] | None = None) -> tuple[Any, Any, Any, dict] | str:
+        """Start a server process; wait for its report. listen: (socket path, idle seconds) of a persistent one,
+        started in a session of its own (Ctrl-C in the terminal is for the builds, not for it)."""
         import socket
         import subprocess
         import tempfile
 
         ours, theirs = socket.socketpair()
-        errors = tempfile.TemporaryFile()
+        errors = tempfile.TemporaryFile() if listen is None else \
+            os.fdopen(os.open(f"{listen[0]}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
         try:
             args = [str(theirs.fileno()), *preload]
+            if listen is not None:
+                args = ["--listen", listen[0], str(listen[1]), *args]
             proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", *args],
                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=errors,
-                                    stderr=subprocess.STDOUT, env=worker_env())
+                                    stderr=subprocess.STDOUT, env=worker_env(), start_new_session=listen is not None)
         except OSError as e:
             ours.close()
+            errors.close()
             return f"fork server could not start: {e}"
         finally:
             theirs.close()
@@ -222,23 +309,30 @@ class _ForkServer:
             reader = ours.makefile("rb")
             line = reader.readline()
         finally:
-            track(proc, False)
+            if listen is None:
+                track(proc, False)
         try:
             ready = json.loads(line) if line else {}
         except ValueError:
             ready = {}
         if not ready.get("ready"):
             ours.close()
+            if listen is not None:
+                track(proc, False)
             proc.wait()
-            errors.seek(0)
-            tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            if listen is None:
+                errors.seek(0)
+                tail = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            else:
+                tail = Path(f"{listen[0]}.log").read_text(errors="replace").strip().splitlines()[-3:]
+            errors.close()
             why = ready.get("refused") or " / ".join(tail) or f"exit code {proc.returncode}"
             return f"fork server unavailable: {why}"
         errors.close()
-        return cls(proc, ours, reader, ready)
+        return proc, ours, reader, ready
 
     def alive(self) -> bool:
-        return not self._gone and self.proc.poll() is None
+        return not self._gone and (self.proc is None or self.proc.poll() is None)
 
     def _send(self, msg: dict[str, Any]) -> None:
         data = (json.dumps(msg) + "\n").encode()
@@ -267,6 +361,10 @@ class _ForkServer:
         finally:
             with self._cond:
                 self._waiters.pop(rid, None)
+
+    def prime(self, env: dict[str, str], late: list[str]) -> None:
+        """Fork a spare for ENV that imports LATE now, for a job that has not come yet (none if one is waiting)."""
+        self._send({"prime": True, "env": env, "late": list(late)})
 
     def _read(self) -> None:
         try:
@@ -306,6 +404,8 @@ class _ForkServer:
         except OSError:
             pass
         self.sock.close()
+        if self.proc is None:  # a persistent server: it kills this build's children and spares, and stays
+            return
         try:
             self.proc.wait(timeout=10)
         except Exception:
@@ -335,7 +435,11 @@ def _cuda_initialised() -> bool:
         return False
 
 
-def serve(fd: int, preload: list[str]) -> int:
+def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float = 0.0) -> int:
+    """The server process. fd: a connected socket; the server reports {"ready"} or {"refused"} on it. Without
+    LISTEN that socket is the one client (a build), and the server exits when it closes. With LISTEN (a persistent
+    build server, `daemon.py`), fd is only for the report: clients connect to the Unix socket LISTEN, and the server
+    exits once it has had no client and no child for IDLE_S seconds."""
     import importlib
     import select
     import signal
@@ -344,9 +448,9 @@ def serve(fd: int, preload: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the build process's to handle (and the children's)
     # torch.cuda.is_available() through NVML, which does not initialise CUDA: libraries call it at import.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    sock = socket.socket(fileno=fd)
+    first = socket.socket(fileno=fd)
 
-    def send(msg: dict[str, Any]) -> None:
+    def send(sock: Any, msg: dict[str, Any]) -> None:
         sock.sendall((json.dumps(msg) + "\n").encode())
 
     t0 = time.perf_counter()
@@ -354,45 +458,127 @@ def serve(fd: int, preload: list[str]) -> int:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            send({"refused": f"cannot import {name}: {e}"})
+            send(first, {"refused": f"cannot import {name}: {e}"})
             return 1
     imports = time.perf_counter() - t0
     if _cuda_initialised():
-        send({"refused": "CUDA was initialised while importing the backend libraries; a forked child could not use it"})
+        send(first, {"refused": "CUDA was initialised while importing the backend libraries; a forked child could not use it"})
         return 1
+    listener = None
+    if listen is not None:
+        from . import daemon
+
+        try:
+            listener = daemon.bind(listen)
+        except OSError as e:
+            send(first, {"refused": f"cannot listen on {listen}: {e}"})
+            return 1
     sys.stdout.flush()
     sys.stderr.flush()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: dict[int, int] = {}  # pid -> request id
-    spares: dict[str, tuple[int, int]] = {}  # [env, late] (JSON) -> (pid, write end of its job pipe): idle, importing
-    send({"ready": True, "imports": imports, "modules": len(sys.modules), "pid": os.getpid()})
+    conns: dict[int, _Conn] = {}  # fileno -> client
+    children: dict[int, tuple[_Conn, int]] = {}  # pid -> (client, request id)
+    reaping: set[int] = set()  # killed children and spares not yet reaped
+    hello = {"ready": True, "imports": imports, "modules": len(sys.modules), "pid": os.getpid(),
+             "persistent": listener is not None, "since": time.time()}
+    send(first, hello)
+    if listener is None:
+        conns[first.fileno()] = _Conn(first)
+    else:
+        first.close()
+        stopping: list[int] = []
+        signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))  # `aitune-build server stop`
+    last_busy = time.monotonic()
 
-    def drop_spare(pid: int) -> None:
-        for env_key, (spid, wfd) in list(spares.items()):
-            if spid == pid:
-                del spares[env_key]
-                os.close(wfd)
+    def pipes() -> list[int]:  # what a forked process closes: every client's spare pipes
+        return [w for c in conns.values() for _, w in c.spares.values()]
 
-    def kill_spares() -> None:
-        for spid, wfd in spares.values():
+    def socks() -> list[Any]:
+        return [c.sock for c in conns.values()] + ([listener] if listener is not None else [])
+
+    def drop(conn: _Conn) -> None:  # the client is gone or done: nothing it started may outlive it
+        conns.pop(conn.sock.fileno(), None)
+        for pid, (owner, _) in children.items():
+            if owner is conn:
+                _kill(pid)
+                reaping.add(pid)
+        for spid, wfd in conn.spares.values():
             _kill(spid)
             os.close(wfd)
-        spares.clear()
+            reaping.add(spid)
+        conn.spares.clear()
+        conn.sock.close()
 
-    buf = b""
-    closing = False
-    reaping: set[int] = set()  # killed spares not yet reaped
-    while not closing or children or reaping:
-        readable, _, _ = select.select([wake_r] + ([] if closing else [sock]), [], [], 1.0)
+    def fork_spare(conn: _Conn, env: dict[str, str], late: list[str]) -> tuple[int, int]:
+        r, w = os.pipe()
+        spid = os.fork()
+        if spid == 0:
+            os.close(w)
+            os._exit(_spare(env, conn.base_env, late, r, socks(), wake_r, wake_w, *pipes()))
+        os.close(r)
+        return spid, w
+
+    def handle(conn: _Conn, req: dict[str, Any]) -> None:
+        if "base_env" in req:  # a persistent server's client: its environment, for its children
+            conn.base_env = req["base_env"]
+            return
+        if req.get("kill"):
+            for pid, (owner, _) in children.items():
+                if owner is conn:
+                    _kill(pid)
+            for spid, wfd in conn.spares.values():
+                _kill(spid)
+                os.close(wfd)
+                reaping.add(spid)
+            conn.spares.clear()
+            return
+        late = req.get("late") or []
+        env_key = json.dumps([req.get("env") or {}, late], sort_keys=True)
+        if req.get("prime"):  # a spare for a job still to come, forked now: its imports run beside other work
+            if late and env_key not in conn.spares:
+                conn.spares[env_key] = fork_spare(conn, req.get("env") or {}, late)
+            return
+        spare = conn.spares.pop(env_key, None) if late else None
+        pid = -1
+        if spare is not None:  # a spare for this GPU imported the job's `late` already: the job goes down its pipe
+            pid, wfd = spare
+            try:
+                os.write(wfd, (json.dumps(req) + "\n").encode())
+            except OSError:
+                pid = -1  # it died meanwhile (reaped above or soon): fork as usual
+            os.close(wfd)
+        if pid == -1:
+            job = {**req, "base_env": conn.base_env}
+            pid = os.fork()
+            if pid == 0:
+                os._exit(_child(job, None, socks(), wake_r, wake_w, *pipes()))
+        children[pid] = (conn, req["id"])
+        send(conn.sock, {"id": req["id"], "pid": pid})
+        if req.get("spare") and late and env_key not in conn.spares:
+            conn.spares[env_key] = fork_spare(conn, req.get("env") or {}, late)
+
+    while True:
+        if listener is not None and stopping:  # no new builds; those connected finish first
+            if daemon.retire(listen, listener):
+                listener.close()
+                listener = None
+        if not conns and not children and not reaping:
+            if listener is None:
+                break
+            if time.monotonic() - last_busy >= idle_s and daemon.retire(listen, listener):
+                break
+        elif conns or children:
+            last_busy = time.monotonic()
+        readable, _, _ = select.select([wake_r] + socks(), [], [], 1.0)
         if wake_r in readable:
             try:
                 os.read(wake_r, 4096)
             except BlockingIOError:
                 pass
-        while children or spares or reaping:
+        while children or reaping or any(c.spares for c in conns.values()):
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -401,64 +587,52 @@ def serve(fd: int, preload: list[str]) -> int:
             if pid == 0:
                 break
             reaping.discard(pid)
-            drop_spare(pid)  # a spare that died before its job (its import crashed, a signal): forgotten
-            rid = children.pop(pid, None)
-            if rid is not None and not closing:
+            for c in conns.values():  # a spare that died before its job (its import crashed, a signal): forgotten
+                for env_key, (spid, wfd) in list(c.spares.items()):
+                    if spid == pid:
+                        del c.spares[env_key]
+                        os.close(wfd)
+            owner, rid = children.pop(pid, (None, None))
+            if owner is not None and owner.sock.fileno() in conns:
                 try:
-                    send({"id": rid, "rc": os.waitstatus_to_exitcode(status)})
-                except OSError:  # the build process is gone: as at EOF, nothing of ours may outlive it
-                    closing = True
-                    for cpid in children:
-                        _kill(cpid)
-                    reaping.update(spid for spid, _ in spares.values())
-                    kill_spares()
-        if closing or sock not in readable:
-            continue
-        data = sock.recv(65536)
-        if not data:  # the build process is gone or done: nothing of ours may outlive it
-            closing = True
-            for pid in children:
-                _kill(pid)
-            reaping.update(pid for pid, _ in spares.values())
-            kill_spares()
-            continue
-        buf += data
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            req = json.loads(line)
-            if req.get("kill"):
-                for pid in children:
-                    _kill(pid)
-                reaping.update(pid for pid, _ in spares.values())
-                kill_spares()
-                continue
-            late = req.get("late") or []
-            env_key = json.dumps([req.get("env") or {}, late], sort_keys=True)
-            spare = spares.pop(env_key, None) if late else None
-            pid = -1
-            if spare is not None:  # a spare for this GPU imported the job's `late` already: the job goes down its pipe
-                pid, wfd = spare
+                    send(owner.sock, {"id": rid, "rc": os.waitstatus_to_exitcode(status)})
+                except OSError:  # the client is gone: as at EOF, nothing of its may outlive it
+                    drop(owner)
+        if listener is not None and listener in readable:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                pass
+            else:
+                conns[sock.fileno()] = _Conn(sock)
                 try:
-                    os.write(wfd, (json.dumps(req) + "\n").encode())
+                    send(sock, {**hello, "clients": len(conns)})
                 except OSError:
-                    pid = -1  # it died meanwhile (reaped above or soon): fork as usual
-                os.close(wfd)
-            if pid == -1:
-                pid = os.fork()
-                if pid == 0:
-                    os._exit(_child(req, None, sock, wake_r, wake_w, *(w for _, w in spares.values())))
-            children[pid] = req["id"]
-            send({"id": req["id"], "pid": pid})
-            if req.get("spare") and late and env_key not in spares:
-                r, w = os.pipe()
-                spid = os.fork()
-                if spid == 0:
-                    os.close(w)
-                    os._exit(_spare(req.get("env") or {}, late, r, sock, wake_r, wake_w,
-                                    *(w2 for _, w2 in spares.values())))
-                os.close(r)
-                spares[env_key] = (spid, w)
+                    drop(conns[sock.fileno()])
+        for conn in [c for c in conns.values() if c.sock in readable]:
+            try:
+                data = conn.sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                drop(conn)
+                continue
+            conn.buf += data
+            while b"\n" in conn.buf and conn.sock.fileno() in conns:
+                line, conn.buf = conn.buf.split(b"\n", 1)
+                handle(conn, json.loads(line))
     return 0
+
+
+class _Conn:
+    """One client of the server: its socket, its unread input, its spares, its environment (persistent server)."""
+
+    def __init__(self, sock: Any):
+        self.sock, self.buf = sock, b""
+        self.spares: dict[str, tuple[int, int]] = {}  # [env, late] (JSON) -> (pid, write end of its job pipe)
+        # A persistent server's client sends its environment: its children get exactly that (plus their GPU's).
+        # None: one server per build, started with the build's environment.
+        self.base_env: dict[str, str] | None = None
 
 
 def _kill(pid: int) -> None:
@@ -470,27 +644,29 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _detach(sock: Any, fds: tuple[int, ...]) -> None:
+def _detach(socks: list[Any], fds: tuple[int, ...]) -> None:
     """In a forked process: undo the server's signal settings and close its sockets and pipes."""
     import signal
 
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    sock.close()
+    for sock in socks:
+        sock.close()
     for fd in fds:
         os.close(fd)
 
 
-def _spare(env: dict[str, str], late: list[str], jobs: int, sock: Any, *fds: int) -> int:
+def _spare(env: dict[str, str], base_env: dict[str, str] | None, late: list[str], jobs: int, socks: list[Any],
+           *fds: int) -> int:
     """A child forked ahead of its job: set the GPU's environment, import LATE (output kept in a temp file, copied
     into the job's log), then wait for one job on the pipe JOBS and run it as `_child` does. EOF: no job, exit."""
     import importlib
     import tempfile
 
     try:
-        _detach(sock, fds)
-        os.environ.update(env)  # before the imports start CUDA (CUDA_VISIBLE_DEVICES)
+        _detach(socks, fds)
+        _set_env(env, base_env)  # before the imports start CUDA (CUDA_VISIBLE_DEVICES)
         out = tempfile.TemporaryFile()
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
@@ -524,20 +700,20 @@ def _spare(env: dict[str, str], late: list[str], jobs: int, sock: Any, *fds: int
     return _child(req, time.time())
 
 
-def _child(req: dict[str, Any], started: float | None, sock: Any = None, *fds: int) -> int:
+def _child(req: dict[str, Any], started: float | None, socks: list[Any] | None = None, *fds: int) -> int:
     """In the forked child (or a spare given its job): send fd 1/2 to the target's log, run the job."""
     import traceback
 
     started = started or time.time()
     try:
-        if sock is not None:
-            _detach(sock, fds)
+        if socks is not None:
+            _detach(socks, fds)
         log = os.open(req["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
         os.chdir(req["cwd"])
-        os.environ.update(req.get("env") or {})  # before anything starts CUDA (CUDA_VISIBLE_DEVICES)
+        _set_env(req.get("env") or {}, req.get("base_env"))  # before anything starts CUDA (CUDA_VISIBLE_DEVICES)
         from . import worker
 
         rc = worker.main([req["job"]], started)
@@ -552,7 +728,20 @@ def _child(req: dict[str, Any], started: float | None, sock: Any = None, *fds: i
     return rc
 
 
+def _set_env(env: dict[str, str], base_env: dict[str, str] | None) -> None:
+    """A child's environment: its client's (a persistent server's client), or the server's own, plus ENV."""
+    if base_env is not None:
+        nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+        os.environ.clear()
+        os.environ.update(base_env)
+        if nvml is not None:
+            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", nvml)
+    os.environ.update(env)
+
+
 def _main(argv: list[str]) -> int:
+    if argv and argv[0] == "--listen":  # a persistent build server: --listen PATH IDLE_S FD MODULES...
+        return serve(int(argv[3]), argv[4:], listen=argv[1], idle_s=float(argv[2]))
     return serve(int(argv[0]), argv[1:])
 
 

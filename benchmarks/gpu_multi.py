@@ -50,11 +50,14 @@ def make_project(root: Path) -> Path:
     return root
 
 
+SERVER_ENV: dict[str, str] = {}  # --server: AITUNE_BUILD_SERVER and this run's XDG_RUNTIME_DIR
+
+
 def build_cold(template: Path, work: Path, gpus: str, overlap: bool = True) -> dict:
     proj = work / f"run-{gpus.replace(',', '_')}-{time.monotonic_ns()}"
     shutil.copytree(template, proj)
     env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-           "AITUNE_CACHE_DIR": str(proj / ".cache"), "AITUNE_GPU_OVERLAP": "1" if overlap else "0"}
+           "AITUNE_CACHE_DIR": str(proj / ".cache"), "AITUNE_GPU_OVERLAP": "1" if overlap else "0", **SERVER_ENV}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(proj), "build", "--gpus", gpus, "--json", "-k"],
                           env=env, capture_output=True, text=True)
@@ -87,11 +90,23 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=500.0, help="skip the repeat of the baseline past this (default 500)")
     ap.add_argument("--order", default="a,b,a-off,a", help="runs: a (the baseline's GPUs), b (the multi-GPU run's), "
                     "a-off (a with AITUNE_GPU_OVERLAP=0); default a,b,a-off,a")
+    ap.add_argument("--server", action="store_true", help="every run uses one persistent build server "
+                    "(AITUNE_BUILD_SERVER), started before the first run and timed apart")
     args = ap.parse_args()
     started = time.perf_counter()
     results = {"machine": machine(), "runs": []}
     with tempfile.TemporaryDirectory(prefix="gpu-multi-") as tmp:
         template = make_project(Path(tmp) / "template")
+        if args.server:
+            SERVER_ENV.update({"AITUNE_BUILD_SERVER": "600", "XDG_RUNTIME_DIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")})
+            env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
+                   **SERVER_ENV}
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(template), "server", "start", "--json"],
+                                 env=env, capture_output=True, text=True)
+            results["server_start_s"] = round(time.perf_counter() - t0, 2)
+            results["server_start"] = out.stdout.strip() or out.stderr[-1000:]
+            print(f"build server start: {results['server_start_s']} s {results['server_start']}", flush=True)
         order = {"a": (args.gpus_a, True), "b": (args.gpus_b, True), "a-off": (args.gpus_a, False)}
         for gpus, overlap in (order[o] for o in args.order.split(",")):
             longest = max((r["wall_s"] for r in results["runs"]), default=0.0)
@@ -113,6 +128,9 @@ def main() -> int:
         results["speedup"] = round(min(a) / b[0], 3)  # against the faster baseline run: the conservative ratio
         results["speedup_first_baseline"] = round(a[0] / b[0], 3)
         print(f"speed-up {args.gpus_b} vs {args.gpus_a}: {results['speedup']}x (goal >= 1.8x)")
+    if SERVER_ENV:
+        subprocess.run([sys.executable, "-m", "aitune_build", "server", "stop"], env={**os.environ, **SERVER_ENV,
+                       "PYTHONPATH": str(REPO)}, capture_output=True)
     results["all_built"] = all(r["built"] == 8 for r in results["runs"])  # a ratio of skipped builds means nothing
     results["total_s"] = round(time.perf_counter() - started, 1)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -8,6 +8,8 @@
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
 #   bash benchmarks/gpu_session.sh warm       # GPU 0: benchmarks/gpu_warm.py       | GPU 1: benchmarks/gpu_serve.py
 #   bash benchmarks/gpu_session.sh overlap    # compile beside check, on vs off: GPU 0 six targets | GPU 1 eight TRT
+#   bash benchmarks/gpu_session.sh trt        # GPU 0: TRT + worker GPU tests, JIT first-call profile | GPU 1: gpu_warm.py
+#   bash benchmarks/gpu_session.sh server     # persistent build server: gpu_warm.py --server, then gpu_multi.py --server
 #
 # Where two things share a phase they run on different GPUs at the same time (the host has 16-32 cores); the
 # benchmarks interleave their own baselines, so a busy neighbour hits both sides of each ratio.
@@ -62,6 +64,26 @@ warm)
    echo "gpu_serve exit $? at $(stamp)" >>"$OUT/gpu-serve.log") &
   wait
   ;;
+trt)  # GPU 0: the TRT + worker GPU tests, then the JIT first call's profile | GPU 1: benchmarks/gpu_warm.py
+  (CUDA_VISIBLE_DEVICES=0 timeout 330 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
+      tests/test_workers.py >"$OUT/gpu-tests-0.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-0.log"
+   CUDA_VISIBLE_DEVICES=0 timeout 200 $py benchmarks/gpu_warm.py --jit-profile --project /tmp/aitune-jit-profile \
+      --out "$OUT/gpu-jit-profile.json" >"$OUT/gpu-jit-profile.log" 2>&1) &
+  (CUDA_VISIBLE_DEVICES=1 timeout 540 $py benchmarks/gpu_warm.py --out "$OUT/gpu-warm.json" >"$OUT/gpu-warm.log" 2>&1
+   echo "gpu_warm exit $? at $(stamp)" >>"$OUT/gpu-warm.log") &
+  wait
+  ;;
+server)  # a persistent build server: GPU 0 six targets cold (warm server) + `-f`, then 2 vs 1 GPU if there are two
+  CUDA_VISIBLE_DEVICES=0 timeout 250 $py benchmarks/gpu_warm.py --server --skip-jit --rounds 1 \
+      --out "$OUT/gpu-warm-server.json" >"$OUT/gpu-warm-server.log" 2>&1
+  echo "gpu_warm exit $? at $(stamp)" >>"$OUT/gpu-warm-server.log"
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 250 $py benchmarks/gpu_multi.py --server --order a,b,a --budget-s 200 --out "$OUT/gpu-multi-server.json" \
+        >"$OUT/gpu-multi-server.log" 2>&1
+    echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi-server.log"
+  fi
+  ;;
 overlap)  # alternated on/off (AITUNE_GPU_OVERLAP), each side on its own GPU so that neither run disturbs the other
   (CUDA_VISIBLE_DEVICES=0 timeout 480 $py benchmarks/gpu_warm.py --overlap-ab 3 --project /tmp/aitune-warm-ab \
       --out "$OUT/gpu-warm-overlap-ab.json" >"$OUT/gpu-warm-overlap-ab.log" 2>&1
@@ -72,7 +94,7 @@ overlap)  # alternated on/off (AITUNE_GPU_OVERLAP), each side on its own GPU so 
   wait
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm|overlap" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm|overlap|trt|server" >&2
   exit 2
   ;;
 esac

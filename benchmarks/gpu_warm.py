@@ -181,9 +181,33 @@ def cli(root: Path, *args: str, env: dict[str, str] | None = None) -> tuple[floa
 def timings(root: Path, target: str) -> dict:
     return json.loads((root / "build" / target / "build.json").read_text()).get("timings", {})
 
+# The same first call under cProfile: where a JIT target's first call in a fresh process spends its time.
+JIT_PROFILE = """
+import cProfile, io, pstats, sys, time
+import torch, aitune_build
+t0 = time.perf_counter()
+fn = aitune_build.load("rn18_jit32", manifest=sys.argv[1])
+load_s = time.perf_counter() - t0
+x = torch.randn(4, 3, 224, 224, device="cuda")
+prof = cProfile.Profile()
+t0 = time.perf_counter()
+prof.enable()
+with torch.no_grad():
+    fn(x)
+torch.cuda.synchronize()
+prof.disable()
+call_s = time.perf_counter() - t0
+for order in ("cumulative", "tottime"):
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats(order).print_stats(45)
+    print(out.getvalue())
+print("load_s", load_s, "first_call_profiled_s", call_s)
+"""
 
-def hand_written_warm(root: Path) -> dict:
-    """Export + compile + save of the six targets' models in one process that has imported everything already."""
+
+def hand_written_warm(root: Path, retrace: bool = True) -> dict:
+    """Export + compile + save of the six targets' models in one process that has imported everything already.
+    retrace: torch_tensorrt.save's default (True), as a user writes it; False as aitune-build saves since session 7."""
     import torch
     import torch_tensorrt
 
@@ -211,8 +235,12 @@ def hand_written_warm(root: Path) -> dict:
             mins, maxs = ([1] + shape[1:], [8] + shape[1:]) if rn else (shape, shape)
             inp = {"x": torch_tensorrt.Input(min_shape=mins, opt_shape=shape, max_shape=maxs, dtype=x.dtype, name="x")}
             trt = torch_tensorrt.dynamo.compile(ep, arg_inputs=[], kwarg_inputs=inp)
-            torch_tensorrt.save(trt, str(scratch / f"{name}.pt2"), output_format="exported_program", arg_inputs=[],
-                                kwarg_inputs={"x": x}, dynamic_shapes=dyn, retrace=True)
+            if retrace:
+                torch_tensorrt.save(trt, str(scratch / f"{name}.pt2"), output_format="exported_program", arg_inputs=[],
+                                    kwarg_inputs={"x": x}, dynamic_shapes=dyn, retrace=True)
+            else:
+                torch_tensorrt.save(trt, str(scratch / f"{name}.pt2"), output_format="exported_program",
+                                    dynamic_shapes=dyn, retrace=False)
         torch.cuda.synchronize()
         out[name] = time.perf_counter() - t0
         del m
@@ -239,10 +267,28 @@ def main() -> None:
     ap.add_argument("--overlap-ab", type=int, default=0, metavar="N",
                     help="only the cold build, N rounds alternating AITUNE_GPU_OVERLAP=1 and 0 (what compiling beside a "
                          "check is worth); nothing else is measured")
+    ap.add_argument("--server", action="store_true",
+                    help="builds use a persistent build server (AITUNE_BUILD_SERVER), started once before the cold "
+                         "build (its start is timed apart): cold cache, warm server")
+    ap.add_argument("--skip-jit", action="store_true", help="leave out the JIT first-call section")
+    ap.add_argument("--jit-profile", action="store_true",
+                    help="only the JIT target: build it, then profile its first call in a fresh process, warm and cold")
     args = ap.parse_args()
     root = Path(args.project)
     res: dict = {}
     t_all = time.perf_counter()
+    if args.server:
+        ENV["AITUNE_BUILD_SERVER"] = "600"
+        ENV["XDG_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # this run's own servers
+
+    def server_start() -> None:
+        if args.server and "server_start_s" not in res:
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(root), "server", "start", "--json"],
+                                 capture_output=True, text=True, env=ENV)
+            res["server_start_s"] = time.perf_counter() - t0
+            res["server_start"] = out.stdout.strip() or out.stderr[-1000:]
+            print(f"build server start: {res['server_start_s']:.1f} s {res['server_start']}", flush=True)
 
     def info() -> dict:
         import torch
@@ -269,27 +315,58 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
         return
 
+    if args.jit_profile:
+        def jit_profile() -> dict:
+            write_project(root)
+            wall, data = cli(root, "rn18_jit32")
+            folder = root / "build/rn18_jit32"
+            saved = Path(tempfile.mkdtemp()) / "rn18_jit32"
+            shutil.copytree(folder, saved)
+            got: dict = {"build_s": wall, "status": data["targets"][-1]["status"]}
+            for variant in ("warm", "cold"):
+                shutil.rmtree(folder)
+                shutil.copytree(saved, folder)
+                if variant == "cold":
+                    (folder / "compile_cache.bin").unlink(missing_ok=True)
+                    shutil.rmtree(folder / "engine_cache", ignore_errors=True)
+                    (folder / "engine_cache").mkdir()
+                ind = Path(tempfile.mkdtemp())
+                out = subprocess.run([sys.executable, "-c", JIT_PROFILE, str(root / "aitune.toml")], capture_output=True,
+                                     text=True, env={**ENV, "TORCHINDUCTOR_CACHE_DIR": str(ind)})
+                got[variant] = {"rc": out.returncode, "stdout": out.stdout[-24000:], "stderr": out.stderr[-3000:]}
+            return got
+
+        section(res, "jit_profile", jit_profile)
+        res["total_s"] = time.perf_counter() - t_all
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        return
+
     def cold() -> dict:
         got: dict = {}
         modes = (["subprocess"] if args.subprocess_baseline else []) + ["fork"]
         for mode in modes:
             write_project(root)
+            if mode == "fork":
+                server_start()
             wall, data = cli(root, *COLD, env={**ENV, "AITUNE_WORKERS": mode})
             got[mode] = {"wall_s": wall, "statuses": {t["name"]: t["status"] for t in data["targets"]},
                          "reasons": {t["name"]: t["reason"][:300] for t in data["targets"] if t["status"] != "built"},
                          "timings": {t: timings(root, t) for t in COLD if (root / "build" / t / "build.json").exists()},
-                         "worker": {t: (root / "build" / t / "build.log").read_text().splitlines()[0][:300]
+                         "worker": {t: " | ".join((root / "build" / t / "build.log").read_text().splitlines()[:2])[:400]
                                     for t in COLD if (root / "build" / t / "build.log").exists()}}
         return got
 
     section(res, "cold_build", cold)
     section(res, "hand_written_warm_s", lambda: hand_written_warm(root))
-    try:
-        ours = res["cold_build"]["fork"]["wall_s"]
-        hand = sum(res["hand_written_warm_s"].values())
-        res["cold_build_vs_hand_written_warm"] = {"ours_s": ours, "hand_sum_s": hand, "ratio": ours / hand, "goal": 1.3}
-    except (KeyError, TypeError, AttributeError):
-        pass
+    section(res, "hand_written_warm_no_retrace_s", lambda: hand_written_warm(root, retrace=False))
+    for side, key in (("cold_build_vs_hand_written_warm", "hand_written_warm_s"),
+                      ("cold_build_vs_hand_written_warm_no_retrace", "hand_written_warm_no_retrace_s")):
+        try:
+            ours = res["cold_build"]["fork"]["wall_s"]
+            hand = sum(res[key].values())
+            res[side] = {"ours_s": ours, "hand_sum_s": hand, "ratio": ours / hand, "goal": 1.3}
+        except (KeyError, TypeError, AttributeError):
+            pass
 
     def rebuild() -> dict:
         ours, hand, imports = [], [], []
@@ -339,7 +416,10 @@ def main() -> None:
         got["engine_cache_only_over_cold"] = statistics.median(got["engine_cache_only_s"]) / cold
         return got
 
-    section(res, "jit_first_call", jit)
+    if not args.skip_jit:
+        section(res, "jit_first_call", jit)
+    if args.server:
+        subprocess.run([sys.executable, "-m", "aitune_build", "server", "stop"], env=ENV, capture_output=True)
     res["total_s"] = time.perf_counter() - t_all
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps({k: v for k, v in res.items() if k != "cold_build"}, indent=2))

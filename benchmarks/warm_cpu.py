@@ -1,11 +1,13 @@
 """Warm workers and warm JIT targets on the CPU, each against its baseline, interleaved.
 
-    python benchmarks/warm_cpu.py [--targets 100] [--rounds 2] [--single-rounds 5] [--jit-rounds 3] [--out FILE.json]
+    python benchmarks/warm_cpu.py [--targets 100] [--rounds 2] [--single-rounds 5] [--jit-rounds 3] [--server]
+                                  [--skip-cold] [--skip-jit] [--out FILE.json]
 
 1. Cold build of N tiny `export` targets with `-j 2`: warm workers (fork server) vs `AITUNE_WORKERS=subprocess` (a
    fresh interpreter per target, the old way). Each round builds a fresh copy of the project with an empty cache.
 2. One export target, `build -f` in a fresh `aitune-build` process vs a hand-written fresh
-   `python -c "import torch; torch.export.export(...); torch.export.save(...)"` of the same module.
+   `python -c "import torch; torch.export.export(...); torch.export.save(...)"` of the same module; with --server
+   also `build -f` with a persistent build server (AITUNE_BUILD_SERVER) started once before the rounds.
 3. inductor_jit first call in a fresh process (`aitune_build.load()` + one call) with an empty Inductor cache:
    with the stored compile caches (warm) vs the same target with compile_cache.bin removed (cold).
 Medians; rounds alternate baseline and ours so a noisy moment hits both.
@@ -83,6 +85,10 @@ def main() -> None:
     ap.add_argument("--single-rounds", type=int, default=5)
     ap.add_argument("--jit-rounds", type=int, default=3)
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--skip-jit", action="store_true")
+    ap.add_argument("--server", action="store_true",
+                    help="also time `build -f` with a persistent build server (AITUNE_BUILD_SERVER), started once "
+                         "before the rounds: the edit-rebuild loop's second and later builds")
     ap.add_argument("--out")
     args = ap.parse_args()
     res: dict[str, object] = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, "
@@ -107,15 +113,34 @@ def main() -> None:
     # 2. one target: build -f in a fresh aitune-build process vs a hand-written fresh process
     root = project(base / "single", 1)
     subprocess.run(aitune(root, "t0"), check=True, env=ENV, stdout=subprocess.DEVNULL)
-    ours, hand = [], []
+    ours, hand, served = [], [], []
+    senv = {**ENV, "AITUNE_BUILD_SERVER": "600", "XDG_RUNTIME_DIR": str(base)}  # this run's own servers
+    if args.server:
+        start = timed([sys.executable, "-m", "aitune_build", "-C", str(root), "server", "start"], senv)
+        res["server_start_s"] = start
+        print(f"build server started in {start:.2f} s", flush=True)
     for _ in range(args.single_rounds):
         hand.append(timed([sys.executable, "-c", HAND, str(root), str(base / "hand.pt2")]))
         ours.append(timed(aitune(root, "-f", "t0")))
+        if args.server:
+            served.append(timed(aitune(root, "-f", "t0"), senv))
     phases = json.loads((root / "build/t0/build.json").read_text())["timings"]
     res["single"] = {"aitune_build_f_s": ours, "hand_written_s": hand,
                      "ratio": statistics.median(ours) / statistics.median(hand), "last_timings": phases}
     print(f"single export target: build -f {statistics.median(ours):.2f} s, hand-written {statistics.median(hand):.2f} s, "
           f"ratio {res['single']['ratio']:.2f}; phases {phases}", flush=True)
+    if args.server:
+        res["single"]["with_build_server_s"] = served
+        res["single"]["with_build_server_ratio"] = statistics.median(served) / statistics.median(hand)
+        print(f"  with a build server: {statistics.median(served):.2f} s, ratio {res['single']['with_build_server_ratio']:.2f}",
+              flush=True)
+        subprocess.run([sys.executable, "-m", "aitune_build", "server", "stop"], env=senv, stdout=subprocess.DEVNULL)
+    if args.skip_jit:
+        print(json.dumps(res, indent=2))
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        shutil.rmtree(base, ignore_errors=True)
+        return
 
     # 3. inductor_jit first call in a fresh process, warm (stored compile caches) vs cold
     subprocess.run(aitune(root, "small_jit"), check=True, env=ENV, stdout=subprocess.DEVNULL)

@@ -583,3 +583,71 @@ def test_a_target_waiting_for_its_gpu_counts_as_still_to_come(tmp_path: Path, on
     first, second = list(seen)  # in the order they got the GPU (either may win it)
     assert seen[first] == {"export"}, seen  # the other one waited for the GPU in its thread: still to come
     assert seen[second] == set(), seen
+
+
+PRIMED = """
+[project]
+name = "primed"
+
+[modules.m]
+factory = "models.tiny:build"
+inputs = [{ name = "x", shape = [2, 4] }]
+
+[backends.trt]
+kind = "torch_tensorrt_aot"
+
+[backends.exp]
+kind = "export"
+device = "cuda"
+
+[targets.a_trt]
+module = "m"
+backend = "trt"
+[targets.b_exp]
+module = "m"
+backend = "exp"
+[targets.c_trt]
+module = "m"
+backend = "trt"
+[targets.d_exp]
+module = "m"
+backend = "exp"
+"""
+
+
+def test_export_targets_go_first_and_each_gpu_a_trt_target_needs_gets_a_spare_at_the_first_compile(
+        tmp_path: Path, on_path) -> None:
+    """The local runner hands out GPU targets without late imports (export) before Torch-TensorRT ones, keeping the
+    manifest's order within each group, and at its first compile asks the warm server for one spare per GPU that a
+    pending Torch-TensorRT target will need (no more spares than such targets, none without them), so that
+    torch_tensorrt's import runs beside the export targets instead of in line."""
+    from aitune_build.executor import LocalRunner
+    from aitune_build.project import Project
+    from aitune_build.workers import Workers
+
+    on_path(fake_smi(tmp_path / "smi", [H100, H100]))
+    root = tmp_path / "p"
+    (root / "models").mkdir(parents=True)
+    (root / "models/tiny.py").write_text("import torch\n\ndef build():\n    return torch.nn.Linear(4, 4)\n")
+    (root / "aitune.toml").write_text(PRIMED)
+    primed: list[tuple[dict[str, str], str]] = []
+
+    class Seen(Workers):  # the runner's request is what is tested; the server side: test_workers.py
+        def prime(self, env: dict[str, str], kind: str) -> None:
+            primed.append((env, kind))
+
+    project = Project.open(root / "aitune.toml")
+    try:
+        man = project.manifest.model
+        runner = LocalRunner(project, 1)
+        assert runner.schedule(man, ["a_trt", "b_exp", "c_trt", "d_exp"]) == ["b_exp", "d_exp", "a_trt", "c_trt"]
+        for pending, spares in ((["torch_tensorrt_aot"] * 3, 2), (["export", "torch_tensorrt_aot"], 1), (["export"], 0)):
+            runner = LocalRunner(project, 1)
+            runner.pending_kinds = lambda pending=pending: pending
+            primed.clear()
+            runner._prime(Seen())
+            runner._prime(Seen())  # once per build
+            assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in primed] == [uuid(i) for i in range(spares)], (pending, primed)
+            assert all(kind == "torch_tensorrt_aot" for _, kind in primed)
+    finally:
+        project.close()

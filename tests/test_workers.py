@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli, sigint_default
+from .conftest import gone as _gone, run_cli, sigint_default
 from .test_tensorrt import gpu_project, needs_gpu  # noqa: F401  (the GPU project fixture)
 
 CRASH = "import os, signal\n\n\ndef build():\n    os.kill(os.getpid(), signal.SIGSEGV)\n"
@@ -112,22 +112,6 @@ def test_without_fork_a_fresh_process_builds_and_the_log_says_why(project: Path,
     assert first == "aitune-build: worker in a fresh process (AITUNE_WORKERS=subprocess)"
 
 
-def _gone(pid: int, within: float) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        try:  # a zombie not yet reaped by init counts as gone
-            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.slow
 def test_ctrl_c_stops_the_build_promptly_kills_the_worker_and_stores_nothing(project: Path, tmp_path: Path) -> None:
     (project / "models/sleepy.py").write_text(SLEEPY)
@@ -203,6 +187,35 @@ def test_a_spare_imports_ahead_for_its_environment_and_family_only_and_dies_with
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
 
 
+def test_a_primed_spare_takes_the_first_job_of_its_environment(tmp_path: Path) -> None:
+    """`prime` forks a spare before any job of its family has come (the build's first compile primes one per GPU a
+    Torch-TensorRT target will need): the first such job on that GPU runs in it, with the imports done; a prime for
+    an environment that already has a spare forks no second one."""
+    from aitune_build.workers import _ForkServer
+
+    server = _ForkServer.start(["json"], lambda *_: None)
+    assert isinstance(server, _ForkServer), server
+    try:
+        gpu0 = {"CUDA_VISIBLE_DEVICES": "0"}
+        server.prime(gpu0, ["decimal"])
+        server.prime(gpu0, ["decimal"])  # already has one: no second spare
+        deadline = time.time() + 10
+        while not (spares := _server_children(server.pid)) and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert len(_server_children(server.pid)) == 1, _server_children(server.pid)
+        log = tmp_path / "job.log"
+        assert server.run(tmp_path / "missing.json", log, gpu0, ["decimal"], spare=False) == 1
+        text = log.read_text()
+        assert text.startswith("aitune-build: spare worker: decimal imported ahead of this job"), text
+        assert "FileNotFoundError" in text
+    finally:
+        server.close()
+    assert server.proc.returncode == 0
+    for pid in spares:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
 @pytest.mark.gpu
 @needs_gpu
 def test_gpu_targets_build_in_children_of_one_warm_server(gpu_project: Path) -> None:  # noqa: F811
@@ -218,9 +231,13 @@ def test_gpu_targets_build_in_children_of_one_warm_server(gpu_project: Path) -> 
     assert isinstance(rec["record"].get("compile_cache"), (dict, str)), rec["record"]
     timings = json.loads((gpu_project / "build/cnn_aot32/build.json").read_text())["timings"]
     assert {"export", "compile", "save", "imports", "worker_start"} <= set(timings), timings
-    # The later Torch-TensorRT target ran in a spare that imported torch_tensorrt while the first one compiled
+    # Both Torch-TensorRT targets ran in spares that imported torch_tensorrt ahead: the first one's was primed at the
+    # build's first compile (the export target, scheduled first), the second one's while the first one compiled.
     logs = {n: (gpu_project / "build" / n / "build.log").read_text().splitlines()[1] for n in ("cnn_aot32", "cnn_jit16")}
     ahead = [n for n, line in logs.items() if line.startswith("aitune-build: spare worker: torch_tensorrt imported ahead")]
-    assert len(ahead) == 1, logs
-    later = json.loads((gpu_project / "build" / ahead[0] / "build.json").read_text())["timings"]
-    assert later["imports"] < 1.0, later
+    assert len(ahead) == 2, logs
+    for name in ahead:
+        later = json.loads((gpu_project / "build" / name / "build.json").read_text())["timings"]
+        assert later["imports"] < 1.0, later
+    started = {t["name"]: t for t in data["targets"]}
+    assert all(started[n]["status"] == "built" for n in names), started

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import UserError
 from . import tensorrt_common as trt
 from ..spec import option
@@ -25,6 +27,7 @@ class TorchTensorRTAotBackend(Backend):
     kind = "torch_tensorrt_aot"
     config_class = TorchTensorRTAotConfig
     takes_from = True
+    revision = 2  # 2: an exported program is saved without re-tracing the compiled graph
     libraries = trt.LIBRARIES
     mutates_module = True  # module.to(cast dtype) casts in place
     # Not torch_tensorrt itself: importing torch-tensorrt-rtx 2.11 initialises CUDA (seen on an H200), after which a
@@ -77,8 +80,8 @@ class TorchTensorRTAotBackend(Backend):
         inputs = {"arg_inputs": [], "kwarg_inputs": example} if self.config.output_format == "exported_program" \
             else {"arg_inputs": list(example.values())}
         with ctx.phase("save"):
-            torch_tensorrt.save(compiled, str(ctx.artifact_dir / self.artifact), output_format=self.config.output_format,
-                                dynamic_shapes=dynamic, retrace=True, **inputs)
+            _save(torch_tensorrt, compiled, str(ctx.artifact_dir / self.artifact), self.config.output_format, dynamic,
+                  inputs)
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version}
 
     def load(self, ctx: BuildContext):
@@ -119,3 +122,19 @@ class _Positional:
 
     def __call__(self, **inputs: Any) -> Any:
         return self.fn(*[inputs[n] for n in self.names])
+
+
+def _save(torch_tensorrt: Any, compiled: Any, path: str, output_format: str, dynamic: Any, inputs: dict[str, Any]) -> None:
+    """Save the compiled graph. An exported program is written from the compiled graph as it is (retrace=False: graph
+    surgery that keeps its symbolic batch and sequence sizes) instead of exporting it once more (retrace=True, which
+    took about as long as the compile on an H200 host). Where that fails on this torch_tensorrt, the re-export is the
+    fallback, and build.log says so. Either way the check loads the file back and runs it at the min, opt and max
+    shapes."""
+    if output_format == "exported_program":
+        try:
+            torch_tensorrt.save(compiled, path, output_format=output_format, dynamic_shapes=dynamic, retrace=False)
+            return
+        except Exception as e:  # noqa: BLE001  (the re-export below is the documented way; it reports its own errors)
+            print(f"aitune-build: saving without re-export failed ({type(e).__name__}: {e}); re-exporting", flush=True)
+            Path(path).unlink(missing_ok=True)
+    torch_tensorrt.save(compiled, path, output_format=output_format, dynamic_shapes=dynamic, retrace=True, **inputs)

@@ -832,14 +832,14 @@ def server() -> None:
     """The persistent build servers (AITUNE_BUILD_SERVER=1): status, stop."""
 
 
-def _servers_json() -> list[dict[str, Any]]:
+def _servers_json(stop: bool = False) -> list[dict[str, Any]]:
     import time
 
     from .daemon import servers
 
     return [{"socket": str(path), "pid": hello.get("pid"), "up_s": round(time.time() - hello.get("since", time.time()), 1),
              "imports_s": round(hello.get("imports", 0.0), 2), "modules": hello.get("modules"),
-             "builds_connected": max(0, hello.get("clients", 1) - 1)} for path, hello in servers()]
+             "builds_connected": max(0, hello.get("clients", 1) - 1)} for path, hello in servers(stop)]
 
 
 @server.command("status")
@@ -869,7 +869,7 @@ def server_start(obj: _Ctx, as_json: bool) -> None:
 
         from .daemon import DEFAULT_IDLE_S, idle_seconds
         from .executor import _kinds
-        from .workers import Workers, _ForkServer
+        from .workers import _ForkServer, fork_unavailable, preload_for
 
         try:
             idle = idle_seconds() or DEFAULT_IDLE_S
@@ -878,17 +878,14 @@ def server_start(obj: _Ctx, as_json: bool) -> None:
         project = obj.open()
         try:
             man = project.manifest.model
-            workers = Workers(_kinds(man, list(man.targets)), idle)
-            t0 = time.perf_counter()
-            server = workers._server()
-            took = time.perf_counter() - t0
+            preload = preload_for(_kinds(man, list(man.targets)))
         finally:
             project.close()
-        if not isinstance(server, _ForkServer) or not server.persistent:
-            why = server if isinstance(server, str) else workers._attach_failed or "the server is not persistent"
-            if isinstance(server, _ForkServer):
-                server.close()
-            raise UserError(f"no build server: {why}")
+        t0 = time.perf_counter()
+        server = fork_unavailable() or _ForkServer.attach(preload, lambda *_: None, idle)
+        took = time.perf_counter() - t0
+        if isinstance(server, str):
+            raise UserError(f"no build server: {server}")
         up = time.time() - (server.since or time.time())
         server.close()
         if as_json:
@@ -904,15 +901,7 @@ def server_start(obj: _Ctx, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def server_stop(as_json: bool) -> None:
     """Stop this user's build servers: they take no new build, and exit once the builds connected to them end."""
-    import signal
-
-    stopped = []
-    for row in _servers_json():
-        try:
-            os.kill(row["pid"], signal.SIGTERM)
-            stopped.append(row["pid"])
-        except (OSError, TypeError):
-            pass
+    stopped = [row["pid"] for row in _servers_json(stop=True)]
     if as_json:
         click.echo(json.dumps({"stopped": stopped}, indent=2))
     else:

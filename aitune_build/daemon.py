@@ -15,9 +15,14 @@ at once. As Bazel's and Gradle's servers do:
   no build connected and no worker running; `aitune-build server stop` stops them now.
 - its socket lives in a folder only the user can open (`$XDG_RUNTIME_DIR/aitune-build`, else, or where that path
   is too long for a socket, `/tmp/aitune-build-<uid>`; mode 0700, checked): no other user can run jobs in it.
+- the server runs with only the variables above, in `/`, so no build's CI job ids, cache folder or working
+  directory stay with it; a connecting process must be the user's (SO_PEERCRED).
 - everything else is as for one build's server: CUDA is never initialised in it; each target runs in a child forked
-  for it, with the build's environment and working directory; a build that goes away takes its children and spares
-  with it; concurrent builds share the server, each with its own children.
+  for it, with the build's whole environment, working directory and umask; a build that goes away takes its
+  children and spares with it; concurrent builds share the server, each with its own children; a client that
+  sends junk or vanishes mid-request is dropped alone; children die with a killed server (PR_SET_PDEATHSIG).
+- not carried over from a build: resource limits, CPU affinity and cgroup of the build process; the cgroup is part
+  of the identity (a CI or batch job's servers are its own), limits and affinity are the starting build's.
 - starting and retiring are serialised by a lock file beside the socket, so a build never connects to a server that
   is about to exit, and two builds starting at once start one server.
 """
@@ -41,8 +46,10 @@ MAX_FOLDER = 107 - 1 - 36 - len(".lock")  # the socket path's limit, less the so
 # torch's and its compilers', threads, locale, caches): part of its identity. Its children get their own build's
 # environment, whole, so that the rest (AITUNE_CACHE_DIR, a CI job's ids, ...) need not start another server.
 IDENTITY_PREFIXES = ("PYTHON", "LD_", "PATH", "CUDA", "NVIDIA", "TORCH", "PYTORCH", "TRITON", "TENSORRT", "TRT",
-                     "OMP_", "MKL_", "KMP_", "OPENBLAS", "NCCL", "CC", "CXX", "CFLAGS", "CPATH", "LIBRARY_PATH",
-                     "HOME", "USER", "TMPDIR", "XDG_CACHE_HOME", "LANG", "LC_", "TZ", "VIRTUAL_ENV", "CONDA_PREFIX")
+                     "ATEN_", "OMP_", "MKL_", "KMP_", "OPENBLAS", "NCCL", "GLIBC_TUNABLES", "MALLOC_", "CC", "CXX",
+                     "CFLAGS", "CPATH", "LIBRARY_PATH", "HOME", "USER", "TMPDIR", "XDG_CACHE_HOME", "LANG", "LC_",
+                     "TZ", "VIRTUAL_ENV", "CONDA_PREFIX")
+LOCK_WAIT_S = 300.0  # at most this long for another build that is starting the server (an import of torch and more)
 
 
 def idle_seconds() -> float | None:
@@ -65,7 +72,7 @@ def idle_seconds() -> float | None:
 def folder() -> Path:
     """The user's socket folder, created 0700; raises OSError if it is not the user's alone."""
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) / "aitune-build" if runtime and os.path.isdir(runtime) else None
+    base = Path(runtime) / "aitune-build" if runtime and _owned(runtime) else None
     if base is None or len(str(base)) > MAX_FOLDER:  # a socket's path has at most 107 bytes
         base = Path(f"/tmp/aitune-build-{os.getuid()}")
     base.mkdir(mode=0o700, exist_ok=True)
@@ -77,23 +84,45 @@ def folder() -> Path:
     return base
 
 
+def _owned(folder: str) -> bool:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment a server is started with: only what names it (each child gets its own build's whole)."""
+    return {k: v for k, v in env.items() if k.startswith(IDENTITY_PREFIXES)}
+
+
 def identity(preload: list[str], env: dict[str, str]) -> str:
-    """The digest that names a server: what decides what its children would import and run."""
+    """The digest that names a server: what decides what its children would import and run. ENV: the workers'
+    environment (workers.worker_env: PYTHONPATH entries absolute)."""
     pkg = Path(__file__).resolve().parent
     sources = []
     for f in sorted(pkg.rglob("*.py")):
         st = f.stat()
         sources.append((str(f.relative_to(pkg)), st.st_mtime_ns, st.st_size))
+    # The installed packages' folders with their mtimes (an install or uninstall changes them). Not sys.path[0] (the
+    # script's folder or, for `python -m`, the working directory: a worker has neither), and PYTHONPATH's entries by
+    # name only, in `env` below (a project folder there changes its mtime on every build).
+    given = set(env.get("PYTHONPATH", "").split(os.pathsep))
     paths = []
-    # Not sys.path[0]: the script's folder or, for `python -m`, the working directory, which a worker does not have
-    # (PYTHONSAFEPATH) and whose mtime every build changes.
-    for entry in env.get("PYTHONPATH", "").split(os.pathsep) + sys.path[1:]:
+    for entry in sys.path[1:]:
+        if not entry or os.path.abspath(entry) in given:
+            continue
         try:
-            paths.append((entry, os.stat(entry or ".").st_mtime_ns))
+            paths.append((entry, os.stat(entry).st_mtime_ns))
         except OSError:
             paths.append((entry, None))
+    try:
+        cgroup = Path("/proc/self/cgroup").read_text()  # a CI job's or batch job's cgroup: its server dies with it
+    except OSError:
+        cgroup = ""
     what = {"python": sys.executable, "version": sys.version, "preload": preload, "sources": sources, "paths": paths,
-            "env": {k: v for k, v in sorted(env.items()) if k.startswith(IDENTITY_PREFIXES)}}
+            "env": server_env(env), "cgroup": cgroup, "uid": os.getuid()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -102,17 +131,27 @@ def socket_path(preload: list[str], env: dict[str, str]) -> Path:
 
 
 class _Lock:
-    """An exclusive flock on PATH.lock: starting a server and retiring one are serialised by it."""
+    """An exclusive flock on PATH.lock: starting a server and retiring one are serialised by it. wait: for at most
+    LOCK_WAIT_S, polling, and not past cancelled() (raises TimeoutError); else raises OSError at once."""
 
-    def __init__(self, path: Path | str, wait: bool = True):
+    def __init__(self, path: Path | str, wait: bool = True, cancelled: Any = lambda: False):
         import fcntl
+        import time
 
         self.fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError:
-            os.close(self.fd)
-            raise
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if not wait or cancelled() or time.monotonic() > deadline:
+                    os.close(self.fd)
+                    if not wait:
+                        raise
+                    raise TimeoutError(f"another build has been starting the build server for {LOCK_WAIT_S:.0f} s "
+                                       "or was interrupted") from None
+                time.sleep(0.05)
 
     def release(self) -> None:
         os.close(self.fd)  # releases the flock
@@ -177,12 +216,27 @@ def retire(path: str, listener: Any) -> bool:
         lock.release()
 
 
-def connect(path: Path, start: Any) -> Any:
+def peer_uid(sock: Any) -> int:
+    """The user id of the process at the other end of a Unix socket (SO_PEERCRED); -1 if unknown."""
+    import socket
+    import struct
+
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return -1
+    return uid
+
+
+def connect(path: Path, start: Any, cancelled: Any = lambda: False) -> Any:
     """A socket connected to the server at PATH; start(): spawn one and wait until it listens (returns a reason
     string if it could not), called under the lock when none answers. Returns the socket or the reason."""
     import socket
 
-    lock = _Lock(path)
+    try:
+        lock = _Lock(path, cancelled=cancelled)
+    except TimeoutError as e:
+        return str(e)
     try:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -204,8 +258,9 @@ def connect(path: Path, start: Any) -> Any:
         lock.release()
 
 
-def servers() -> Iterator[tuple[Path, dict[str, Any]]]:
-    """The user's build servers that answer: (socket, hello)."""
+def servers(stop: bool = False) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """The user's build servers that answer: (socket, hello). stop: ask each to stop (it takes no new build and
+    exits once the builds connected to it end) — over its socket, so no other process can be hit by mistake."""
     import socket
 
     try:
@@ -218,6 +273,8 @@ def servers() -> Iterator[tuple[Path, dict[str, Any]]]:
         try:
             sock.connect(str(path))
             hello = json.loads(sock.makefile("rb").readline() or b"{}")
+            if stop:
+                sock.sendall(b'{"stop": true}\n')
         except (OSError, ValueError):
             continue
         finally:

@@ -136,6 +136,7 @@ class LocalRunner(Runner):
         self._workers_lock = threading.Lock()
         self._primed = False
         self.server_idle_s: float | None = None  # AITUNE_BUILD_SERVER: a persistent build server (daemon.py)
+        self.server_kinds: set[str] = set()  # what that server preloads, besides self.kinds
         if os.environ.get("AITUNE_BUILD_SERVER"):
             from .daemon import idle_seconds
 
@@ -152,7 +153,7 @@ class LocalRunner(Runner):
             if self._workers is None:
                 from .workers import Workers
 
-                self._workers = Workers(self.kinds, self.server_idle_s)
+                self._workers = Workers(self.kinds, self.server_idle_s, self.server_kinds)
             return self._workers
 
     def _gpus(self) -> GpuPool:
@@ -189,14 +190,15 @@ class LocalRunner(Runner):
         return backend.unavailable()
 
     def schedule(self, man: Any, names: list[str]) -> list[str]:
-        # Targets whose workers import libraries late (torch_tensorrt: SPARE_IMPORTS) after the others: while the first
-        # export targets run, the spares primed at the first compile import those libraries beside them.
+        # Quick targets (export, eager) first, when the build also has targets whose workers import libraries late
+        # (torch_tensorrt: SPARE_IMPORTS): the spares primed at the first compile import those beside them. Nothing
+        # else moves (a long Inductor autotune ahead would only keep primed spares waiting).
         from .workers import SPARE_IMPORTS, family_of
 
-        def late(name: str) -> bool:
-            return any(SPARE_IMPORTS.get(family_of(k)) for k in _kind_list(man, [name]))
-
-        return sorted(names, key=late)  # stable: the manifest's order within each group
+        kinds = {n: _kind_list(man, [n]) for n in names}
+        if not any(SPARE_IMPORTS.get(family_of(k)) for ks in kinds.values() for k in ks):
+            return names
+        return sorted(names, key=lambda n: not set(kinds[n]) <= QUICK_KINDS)  # stable within each group
 
     def _prime(self, workers: Workers) -> None:
         """At the build's first compile: a spare for each GPU that a pending target importing libraries late will
@@ -274,8 +276,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     results: dict[str, TargetResult] = {}
     if runner is None:
         runner = LocalRunner(project, options.jobs)
-        # A persistent server preloads for every target of the manifest: a build of any of them finds the same one.
-        runner.kinds = _kinds(man, order if runner.server_idle_s is None else list(man.targets))
+        runner.kinds = _kinds(man, order)
+        if runner.server_idle_s is not None:  # a persistent server preloads for the whole manifest: a build of any
+            runner.server_kinds = _kinds(man, list(man.targets))  # of its targets finds the same one
     # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
     # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
     extra, gate = 0, None
@@ -377,6 +380,9 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 def _kinds(man: Any, names: list[str]) -> set[str]:
     """The backend kinds these targets build with (a tuned target's: its candidates')."""
     return {man.backends[b].kind for n in names for b in (man.targets[n].candidates or [man.targets[n].backend])}
+
+
+QUICK_KINDS = {"export", "eager"}  # a trace and a save, seconds: scheduled ahead of Torch-TensorRT targets
 
 
 def _kind_list(man: Any, names: list[str]) -> list[str]:

@@ -78,7 +78,10 @@ def worker_env() -> dict[str, str]:
     """The workers' environment: this checkout's package first on PYTHONPATH, byte-code caching on."""
     env = dict(os.environ)
     pkg_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # Absolute: an empty or relative entry means this process's working directory, which a persistent server's
+    # worker does not share (and which a server's identity must not follow).
+    given = [os.path.abspath(e) for e in env["PYTHONPATH"].split(os.pathsep)] if env.get("PYTHONPATH") else []
+    env["PYTHONPATH"] = os.pathsep.join([pkg_parent, *given])
     env.pop("AITUNE_KILL_AT", None)  # the fault-injection hook (faults.py) counts the build process's checkpoints only
     env["PYTHONSAFEPATH"] = "1"  # `python -m` would put the cwd first on sys.path: a project json.py would shadow json
     return env
@@ -91,9 +94,11 @@ class Interrupted(Exception):
 class Workers:
     """The build's worker processes: `run()` runs one job in a fresh child and returns its exit code."""
 
-    def __init__(self, kinds: set[str] | frozenset[str] = frozenset(), server_idle_s: float | None = None) -> None:
+    def __init__(self, kinds: set[str] | frozenset[str] = frozenset(), server_idle_s: float | None = None,
+                 server_kinds: set[str] | frozenset[str] = frozenset()) -> None:
         self.kinds = set(kinds)  # the backend kinds this build may run: what the server preloads
         self.server_idle_s = server_idle_s  # a persistent build server that idles this long (daemon.py); None: per build
+        self.server_kinds = set(server_kinds) | self.kinds  # what a persistent server preloads (the whole manifest's)
         self._server_now: _ForkServer | str | None = None  # the server, or why there is none
         self._lock = threading.Lock()
         self._plain: set[Any] = set()  # running plain subprocesses and starting servers, for interrupt()
@@ -152,7 +157,8 @@ class Workers:
             if server is None:
                 server = fork_unavailable()
                 if server is None and self.server_idle_s is not None:
-                    server = _ForkServer.attach(preload_for(self.kinds), self._track, self.server_idle_s)
+                    server = _ForkServer.attach(preload_for(self.server_kinds), self._track, self.server_idle_s,
+                                                lambda: self._interrupted)
                     if isinstance(server, str):  # noted in build.log; this build starts a server of its own
                         self._attach_failed = server
                         server = None
@@ -195,6 +201,7 @@ class Workers:
 
 
 _LOST = -9  # exit code reported when the server died before telling a child's status
+_SERVER_PID = 0  # in a forked child: the server's pid (its parent)
 
 
 def run_plain(job: Path, log: Path, env: dict[str, str], track: Any = None, append: bool = False) -> int:
@@ -245,8 +252,9 @@ class _ForkServer:
         return cls(proc, ours, reader, hello)
 
     @classmethod
-    def attach(cls, preload: list[str], track: Any, idle_s: float) -> _ForkServer | str:
-        """The user's persistent build server for this toolchain (daemon.py), started if none answers."""
+    def attach(cls, preload: list[str], track: Any, idle_s: float, cancelled: Any = lambda: False) -> _ForkServer | str:
+        """The user's persistent build server for this toolchain (daemon.py), started if none answers; or why not.
+        cancelled(): the build was interrupted (stop waiting for another build that is starting the server)."""
         from . import daemon
 
         env = worker_env()
@@ -265,9 +273,10 @@ class _ForkServer:
             track(proc, False)
             return None
 
-        sock = daemon.connect(path, start)
+        sock = daemon.connect(path, start, cancelled)
         if isinstance(sock, str):
             return f"no persistent build server: {sock}"
+        sock.settimeout(60)  # a server that accepted answers at once; one that does not is of no use
         reader = sock.makefile("rb")
         try:
             hello = json.loads(reader.readline() or b"{}")
@@ -276,8 +285,15 @@ class _ForkServer:
         if not hello.get("ready"):
             sock.close()
             return "no persistent build server: it closed the connection"
+        sock.settimeout(None)
         server = cls(None, sock, reader, hello)
-        server._send({"base_env": env})
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            server._send({"base_env": env, "umask": umask})
+        except _ServerGone:
+            server.close()
+            return "no persistent build server: it closed the connection"
         return server
 
     @staticmethod
@@ -291,13 +307,18 @@ class _ForkServer:
         ours, theirs = socket.socketpair()
         errors = tempfile.TemporaryFile() if listen is None else \
             os.fdopen(os.open(f"{listen[0]}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+        env = worker_env()
+        if listen is not None:  # only what names it (daemon.identity): no build's CI job ids, cache folder, ...
+            from .daemon import server_env
+
+            env = server_env(env)
         try:
             args = [str(theirs.fileno()), *preload]
             if listen is not None:
                 args = ["--listen", listen[0], str(listen[1]), *args]
             proc = subprocess.Popen([sys.executable, "-m", "aitune_build.workers", *args],
                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=errors,
-                                    stderr=subprocess.STDOUT, env=worker_env(), start_new_session=listen is not None)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=listen is not None)
         except OSError as e:
             ours.close()
             errors.close()
@@ -473,6 +494,9 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
         except OSError as e:
             send(first, {"refused": f"cannot listen on {listen}: {e}"})
             return 1
+        os.chdir("/")  # no build's folder is held; each child changes to its own build's
+    global _SERVER_PID
+    _SERVER_PID = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
     wake_r, wake_w = os.pipe()
@@ -517,13 +541,18 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
         spid = os.fork()
         if spid == 0:
             os.close(w)
-            os._exit(_spare(env, conn.base_env, late, r, socks(), wake_r, wake_w, *pipes()))
+            os._exit(_spare(env, conn.base_env, conn.umask, late, r, socks(), wake_r, wake_w, *pipes()))
         os.close(r)
         return spid, w
 
     def handle(conn: _Conn, req: dict[str, Any]) -> None:
-        if "base_env" in req:  # a persistent server's client: its environment, for its children
-            conn.base_env = req["base_env"]
+        conn.active = True
+        if "base_env" in req:  # a persistent server's client: its environment and umask, for its children
+            conn.base_env, conn.umask = req["base_env"], req.get("umask")
+            return
+        if req.get("stop"):  # `aitune-build server stop`
+            if listener is not None:
+                stopping.append(1)
             return
         if req.get("kill"):
             for pid, (owner, _) in children.items():
@@ -551,8 +580,14 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
                 pid = -1  # it died meanwhile (reaped above or soon): fork as usual
             os.close(wfd)
         if pid == -1:
-            job = {**req, "base_env": conn.base_env}
-            pid = os.fork()
+            job = {**req, "base_env": conn.base_env, "umask": conn.umask}
+            try:
+                pid = os.fork()
+            except OSError as e:  # EAGAIN, ENOMEM: this job fails, with the reason in its log; the server goes on
+                with open(req["log"], "ab") as f:
+                    f.write(f"aitune-build: the build server could not fork a worker: {e}\n".encode())
+                send(conn.sock, {"id": req["id"], "rc": 1})
+                return
             if pid == 0:
                 os._exit(_child(job, None, socks(), wake_r, wake_w, *pipes()))
         children[pid] = (conn, req["id"])
@@ -570,7 +605,7 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
                 break
             if time.monotonic() - last_busy >= idle_s and daemon.retire(listen, listener):
                 break
-        elif conns or children:
+        elif children or any(c.active for c in conns.values()):  # not a `server status` probe
             last_busy = time.monotonic()
         readable, _, _ = select.select([wake_r] + socks(), [], [], 1.0)
         if wake_r in readable:
@@ -604,11 +639,14 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
             except OSError:
                 pass
             else:
-                conns[sock.fileno()] = _Conn(sock)
-                try:
-                    send(sock, {**hello, "clients": len(conns)})
-                except OSError:
-                    drop(conns[sock.fileno()])
+                if daemon.peer_uid(sock) != os.getuid():  # the folder is the user's alone; checked once more
+                    sock.close()
+                else:
+                    conns[sock.fileno()] = _Conn(sock)
+                    try:
+                        send(sock, {**hello, "clients": len(conns)})
+                    except OSError:
+                        drop(conns[sock.fileno()])
         for conn in [c for c in conns.values() if c.sock in readable]:
             try:
                 data = conn.sock.recv(65536)
@@ -620,7 +658,11 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
             conn.buf += data
             while b"\n" in conn.buf and conn.sock.fileno() in conns:
                 line, conn.buf = conn.buf.split(b"\n", 1)
-                handle(conn, json.loads(line))
+                try:
+                    handle(conn, json.loads(line))
+                except (OSError, ValueError, KeyError, TypeError) as e:  # one client's trouble is not the others'
+                    print(f"aitune-build server: dropped a client: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                    drop(conn)
     return 0
 
 
@@ -633,6 +675,8 @@ class _Conn:
         # A persistent server's client sends its environment: its children get exactly that (plus their GPU's).
         # None: one server per build, started with the build's environment.
         self.base_env: dict[str, str] | None = None
+        self.umask: int | None = None
+        self.active = False  # has sent something: a build, not a `server status` probe
 
 
 def _kill(pid: int) -> None:
@@ -650,15 +694,24 @@ def _detach(socks: list[Any], fds: tuple[int, ...]) -> None:
 
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     for sock in socks:
         sock.close()
     for fd in fds:
         os.close(fd)
+    try:  # if the server dies (killed, OOM), its children die too: none compiles on for a build that gave up on it
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != _SERVER_PID:  # it died before the above
+        os._exit(1)
 
 
-def _spare(env: dict[str, str], base_env: dict[str, str] | None, late: list[str], jobs: int, socks: list[Any],
-           *fds: int) -> int:
+def _spare(env: dict[str, str], base_env: dict[str, str] | None, umask: int | None, late: list[str], jobs: int,
+           socks: list[Any], *fds: int) -> int:
     """A child forked ahead of its job: set the GPU's environment, import LATE (output kept in a temp file, copied
     into the job's log), then wait for one job on the pipe JOBS and run it as `_child` does. EOF: no job, exit."""
     import importlib
@@ -666,7 +719,7 @@ def _spare(env: dict[str, str], base_env: dict[str, str] | None, late: list[str]
 
     try:
         _detach(socks, fds)
-        _set_env(env, base_env)  # before the imports start CUDA (CUDA_VISIBLE_DEVICES)
+        _set_env(env, base_env, umask)  # before the imports start CUDA (CUDA_VISIBLE_DEVICES)
         out = tempfile.TemporaryFile()
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
@@ -713,7 +766,7 @@ def _child(req: dict[str, Any], started: float | None, socks: list[Any] | None =
         os.dup2(log, 2)
         os.close(log)
         os.chdir(req["cwd"])
-        _set_env(req.get("env") or {}, req.get("base_env"))  # before anything starts CUDA (CUDA_VISIBLE_DEVICES)
+        _set_env(req.get("env") or {}, req.get("base_env"), req.get("umask"))  # before CUDA starts (CUDA_VISIBLE_DEVICES)
         from . import worker
 
         rc = worker.main([req["job"]], started)
@@ -728,8 +781,10 @@ def _child(req: dict[str, Any], started: float | None, socks: list[Any] | None =
     return rc
 
 
-def _set_env(env: dict[str, str], base_env: dict[str, str] | None) -> None:
-    """A child's environment: its client's (a persistent server's client), or the server's own, plus ENV."""
+def _set_env(env: dict[str, str], base_env: dict[str, str] | None, umask: int | None = None) -> None:
+    """A child's environment (and umask): its client's (a persistent server's client), or the server's own, plus ENV."""
+    if umask is not None:
+        os.umask(umask)
     if base_env is not None:
         nvml = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
         os.environ.clear()

@@ -52,10 +52,10 @@ def _server_pids(run: Path) -> list[int]:
     return [s["pid"] for s in json.loads(out.stdout)["servers"]] if out.returncode == 0 else []
 
 
-def cli(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli(root: Path, *args: str, env: dict[str, str] | None = None, umask: int = 0o022) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": PKG, **(env or {})}
     return subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(root), *args], capture_output=True,
-                          text=True, env=full, timeout=300)
+                          text=True, env=full, timeout=300, preexec_fn=lambda: os.umask(umask))
 
 
 def first_line(root: Path, target: str) -> str:
@@ -74,8 +74,9 @@ class Probe(torch.nn.Module):
         return x * {factor}
 def build():
     with open("seen.json", "w") as f:  # relative: the build's working directory, not the server's
+        mask = os.umask(0); os.umask(mask)
         import json; json.dump({{"cwd": os.getcwd(), "mark": os.environ.get("AITUNE_TEST_MARK"),
-                                 "threads": os.environ.get("OMP_NUM_THREADS")}}, f)
+                                 "threads": os.environ.get("OMP_NUM_THREADS"), "umask": mask}}, f)
     return Probe()
 """
 PROBE_MANIFEST = """
@@ -116,12 +117,12 @@ def test_the_server_outlives_a_build_serves_the_next_one_of_another_project_and_
     assert not gone(pid, 0.5), "the server left with its build"
     # A variable that cannot change what the server imports is not part of its identity: same server, and the
     # worker sees this build's value of it.
-    out = cli(two, "build", "--json", env={**env, "AITUNE_TEST_MARK": "two"})
+    out = cli(two, "build", "--json", env={**env, "AITUNE_TEST_MARK": "two"}, umask=0o027)
     assert out.returncode == 0, out.stderr
     assert server_pid(first_line(two, "p_export")) == pid
     seen = json.loads((two / "seen.json").read_text())
     assert Path(seen["cwd"]).resolve() == two.resolve()
-    assert seen["mark"] == "two"
+    assert seen["mark"] == "two" and seen["umask"] == 0o027  # this build's, not the one that started the server
     import torch
 
     loaded = torch.export.load(str(two / "build/p_export/model.pt2")).module()
@@ -246,3 +247,78 @@ def test_a_servers_identity_names_what_it_imports_and_not_the_build_s_folder(tmp
     assert daemon.identity(["torch"], {**env, "OMP_NUM_THREADS": "4"}) != first  # torch reads it at import
     assert daemon.identity(["torch"], {**env, "LD_LIBRARY_PATH": "/opt/lib"}) != first
     assert daemon.identity(["torch", "torch._inductor.compile_fx"], env) != first
+
+
+def test_a_client_that_breaks_off_or_talks_junk_does_not_take_the_server_down(runtime: Path, tmp_path: Path) -> None:
+    """The server is shared: a build killed right after sending a job (its reply cannot be delivered) or a client
+    sending a line that is not a request is dropped alone; a build connected at the same time goes on, and the next
+    one still finds the server."""
+    import socket
+
+    from aitune_build.workers import _ForkServer
+
+    good = _ForkServer.attach(["json"], lambda *_: None, 30)
+    assert isinstance(good, _ForkServer) and good.persistent, good
+    path = next((runtime / "aitune-build").glob("*.sock"))
+    try:
+        for line in (b'{"id": 1, "job": "/nonexistent.json", "log": "%s", "cwd": "/", "env": {}}\n' % str(tmp_path / "a.log").encode(),
+                     b"this is not json\n", b'{"no": "id"}\n'):
+            rogue = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            rogue.connect(str(path))
+            rogue.makefile("rb").readline()  # the hello
+            rogue.sendall(line)
+            rogue.close()  # gone before the reply
+        time.sleep(0.5)
+        assert good.alive()
+        assert good.run(tmp_path / "missing.json", tmp_path / "b.log", {}) == 1  # its job ran and failed on its own
+        assert "FileNotFoundError" in (tmp_path / "b.log").read_text()
+        again = _ForkServer.attach(["json"], lambda *_: None, 30)
+        assert isinstance(again, _ForkServer) and again.pid == good.pid
+        again.close()
+    finally:
+        good.close()
+
+
+@pytest.mark.slow
+def test_workers_die_with_a_killed_server(runtime: Path, tmp_path: Path) -> None:
+    """SIGKILL the server while a build's worker runs: the worker dies with it (it would otherwise compile on for a
+    build that reported it lost), and the build reports the target as crashed."""
+    root = probe_project(tmp_path / "p", 2)
+    (root / "models/sleepy.py").write_text(SLEEPY)
+    (root / "aitune.toml").write_text((root / "aitune.toml").read_text() + (
+        '\n[modules.sleepy]\nfactory = "models.sleepy:build"\ninputs = [{ name = "x", shape = [2] }]\n'
+        '[targets.sleepy_export]\nmodule = "sleepy"\nbackend = "exp"\n'))
+    mark = tmp_path / "mark"
+    env = {**os.environ, "PYTHONPATH": PKG, "AITUNE_BUILD_SERVER": "60", "AITUNE_TEST_SLEEP_MARK": str(mark)}
+    proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(root), "build", "--json", "sleepy_export"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert mark.exists(), proc.communicate()
+        child, server = int(mark.read_text()), server_pid(first_line(root, "sleepy_export"))
+        os.kill(server, signal.SIGKILL)
+        assert gone(child, 5), "the worker outlived its server"
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1, (out, err)
+        assert json.loads(out)["targets"][0]["status"] == "failed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_empty_or_relative_pythonpath_entry_is_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`export PYTHONPATH=$PYTHONPATH:/x` leaves an empty entry, which means the working directory: a persistent
+    server's worker has another one, and the server's identity must not follow that folder's mtime."""
+    from aitune_build import daemon
+    from aitune_build.workers import worker_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep + "rel")
+    entries = worker_env()["PYTHONPATH"].split(os.pathsep)
+    assert entries[1:] == [str(tmp_path), str(tmp_path / "rel")], entries
+    before = daemon.identity(["json"], worker_env())
+    (tmp_path / "aitune.lock").write_text("{}")  # a build rewrites files in its folder
+    assert daemon.identity(["json"], worker_env()) == before

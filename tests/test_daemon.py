@@ -198,16 +198,22 @@ def test_a_bad_setting_is_one_clear_error_and_an_unsafe_folder_falls_back(runtim
 SLEEPY = "import os, pathlib, time\n\ndef build():\n    pathlib.Path(os.environ['AITUNE_TEST_SLEEP_MARK']).write_text(str(os.getpid()))\n    time.sleep(300)\n"
 
 
-def test_ctrl_c_kills_the_builds_worker_in_the_server_and_the_server_stays(runtime: Path, tmp_path: Path) -> None:
-    """The worker is the server's child, in the server's session, so the terminal's Ctrl-C does not reach it: the
-    build kills it (and its spares) itself. The build stops promptly, stores nothing, and the server serves on."""
+def sleepy_project(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
+    """(root, mark, env): a project whose `sleepy_export` factory writes its pid to MARK and sleeps; ENV builds it
+    with a build server."""
     root = probe_project(tmp_path / "p", 2)
     (root / "models/sleepy.py").write_text(SLEEPY)
     (root / "aitune.toml").write_text((root / "aitune.toml").read_text() + (
         '\n[modules.sleepy]\nfactory = "models.sleepy:build"\ninputs = [{ name = "x", shape = [2] }]\n'
         '[targets.sleepy_export]\nmodule = "sleepy"\nbackend = "exp"\n'))
     mark = tmp_path / "mark"
-    env = {**os.environ, "PYTHONPATH": PKG, "AITUNE_BUILD_SERVER": "60", "AITUNE_TEST_SLEEP_MARK": str(mark)}
+    return root, mark, {**os.environ, "PYTHONPATH": PKG, "AITUNE_BUILD_SERVER": "60", "AITUNE_TEST_SLEEP_MARK": str(mark)}
+
+
+def test_ctrl_c_kills_the_builds_worker_in_the_server_and_the_server_stays(runtime: Path, tmp_path: Path) -> None:
+    """The worker is the server's child, in the server's session, so the terminal's Ctrl-C does not reach it: the
+    build kills it (and its spares) itself. The build stops promptly, stores nothing, and the server serves on."""
+    root, mark, env = sleepy_project(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(root), "build", "sleepy_export"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=sigint_default)
     try:
@@ -283,13 +289,7 @@ def test_a_client_that_breaks_off_or_talks_junk_does_not_take_the_server_down(ru
 def test_workers_die_with_a_killed_server(runtime: Path, tmp_path: Path) -> None:
     """SIGKILL the server while a build's worker runs: the worker dies with it (it would otherwise compile on for a
     build that reported it lost), and the build reports the target as crashed."""
-    root = probe_project(tmp_path / "p", 2)
-    (root / "models/sleepy.py").write_text(SLEEPY)
-    (root / "aitune.toml").write_text((root / "aitune.toml").read_text() + (
-        '\n[modules.sleepy]\nfactory = "models.sleepy:build"\ninputs = [{ name = "x", shape = [2] }]\n'
-        '[targets.sleepy_export]\nmodule = "sleepy"\nbackend = "exp"\n'))
-    mark = tmp_path / "mark"
-    env = {**os.environ, "PYTHONPATH": PKG, "AITUNE_BUILD_SERVER": "60", "AITUNE_TEST_SLEEP_MARK": str(mark)}
+    root, mark, env = sleepy_project(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "aitune_build", "-C", str(root), "build", "--json", "sleepy_export"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

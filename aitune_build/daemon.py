@@ -24,7 +24,10 @@ at once. As Bazel's and Gradle's servers do:
 - not carried over from a build: resource limits, CPU affinity and cgroup of the build process; the cgroup is part
   of the identity (a CI or batch job's servers are its own), limits and affinity are the starting build's.
 - starting and retiring are serialised by a lock file beside the socket, so a build never connects to a server that
-  is about to exit, and two builds starting at once start one server.
+  is about to exit, and two builds starting at once start one server. A build that starts a server removes the lock
+  files (and logs) of servers gone for a day.
+- the idle time is that of the build that started the server; a later build's AITUNE_BUILD_SERVER=N does not
+  change it (a value that differs only there still finds the same server).
 """
 
 from __future__ import annotations
@@ -216,6 +219,40 @@ def retire(path: str, listener: Any) -> bool:
         lock.release()
 
 
+def prune(base: Path, keep: Path, older_than_s: float = 86400.0) -> list[str]:
+    """Remove what servers gone for a day left in BASE (a lock file per identity, a log they wrote): only files
+    whose socket is gone, untouched for OLDER_THAN_S, and, for a lock, not held by anyone (taken before removal).
+    Called by a build that is starting a server. Returns the names removed."""
+    import fcntl
+    import time
+
+    removed = []
+    cutoff = time.time() - older_than_s
+    for lock in base.glob("server-*.sock.lock"):
+        sock = Path(str(lock)[: -len(".lock")])
+        if sock == keep or sock.exists():
+            continue
+        try:
+            if lock.stat().st_mtime > cutoff:
+                continue
+            fd = os.open(lock, os.O_RDWR)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            for f in (Path(f"{sock}.log"), lock):
+                try:
+                    f.unlink()
+                    removed.append(f.name)
+                except FileNotFoundError:
+                    pass
+        except OSError:
+            pass  # held: a build of that toolchain is starting its server right now
+        finally:
+            os.close(fd)
+    return removed
+
+
 def peer_uid(sock: Any) -> int:
     """The user id of the process at the other end of a Unix socket (SO_PEERCRED); -1 if unknown."""
     import socket
@@ -244,6 +281,7 @@ def connect(path: Path, start: Any, cancelled: Any = lambda: False) -> Any:
             return sock
         except OSError:
             sock.close()
+        prune(path.parent, keep=path)
         why = start()
         if isinstance(why, str):
             return why

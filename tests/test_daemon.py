@@ -322,3 +322,28 @@ def test_an_empty_or_relative_pythonpath_entry_is_made_absolute(tmp_path: Path, 
     before = daemon.identity(["json"], worker_env())
     (tmp_path / "aitune.lock").write_text("{}")  # a build rewrites files in its folder
     assert daemon.identity(["json"], worker_env()) == before
+
+
+def test_what_servers_gone_for_a_day_left_is_removed_and_nothing_else(tmp_path: Path) -> None:
+    from aitune_build import daemon
+
+    base = tmp_path / "f"
+    base.mkdir()
+    old, fresh, live, held = (base / f"server-{n}.sock" for n in ("old", "fresh", "live", "held"))
+    for sock in (old, fresh, live, held):
+        Path(f"{sock}.lock").write_text("")
+        Path(f"{sock}.log").write_text("")
+    live.write_text("")  # its socket is there: its server may still run
+    day_ago = time.time() - 2 * 86400
+    for sock in (old, live, held):
+        os.utime(f"{sock}.lock", (day_ago, day_ago))
+    import fcntl
+
+    fd = os.open(f"{held}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a build of that toolchain is starting its server
+    try:
+        removed = daemon.prune(base, keep=base / "server-new.sock")
+    finally:
+        os.close(fd)
+    assert sorted(removed) == ["server-old.sock.lock", "server-old.sock.log"], removed
+    assert all(Path(f"{s}.lock").exists() for s in (fresh, live, held))

@@ -114,6 +114,11 @@ class Runner:
         """The order in which build() hands out targets that are ready (upstreams still come first)."""
         return names
 
+    def ahead(self, man: Any, names: list[str], will_build: Callable[[str], bool]) -> None:
+        """Called once by build(), when the first target that needs work is handed out: NAMES are the targets not
+        handed out before it (it included); will_build(name) computes whether one of them will compile."""
+        return None
+
     def measuring_gpu(self) -> Any:
         """A context holding a GPU of this host for a tuned target's measurement (tune.py): the Gpu, or None."""
         from contextlib import nullcontext
@@ -135,6 +140,7 @@ class LocalRunner(Runner):
         self._workers: Workers | None = None  # started at the first compile: a no-op build starts none
         self._workers_lock = threading.Lock()
         self._primed = False
+        self._late_kinds: list[str] | None = None  # from ahead(): one per Torch-TensorRT target that will compile
         self.server_idle_s: float | None = None  # AITUNE_BUILD_SERVER: a persistent build server (daemon.py)
         self.server_kinds: set[str] = set()  # what that server preloads, besides self.kinds
         if os.environ.get("AITUNE_BUILD_SERVER"):
@@ -200,16 +206,30 @@ class LocalRunner(Runner):
             return names
         return sorted(names, key=lambda n: not set(kinds[n]) <= QUICK_KINDS)  # stable within each group
 
+    def ahead(self, man: Any, names: list[str], will_build: Callable[[str], bool]) -> None:
+        # Which Torch-TensorRT targets will compile, so that _prime forks no spare for targets that are up to date (a
+        # wasted import of torch_tensorrt and a CUDA context); keys are computed only where there is a GPU to prime.
+        from .workers import SPARE_IMPORTS, family_of
+
+        gpus = self.project.fingerprinter.gpu_plan.gpus
+        found: list[str] = []
+        for n in names:
+            late = [k for k in _kind_list(man, [n]) if SPARE_IMPORTS.get(family_of(k))]
+            if gpus and late and len(found) < len(gpus) and will_build(n):
+                found.append(late[0])
+        self._late_kinds = found
+
     def _prime(self, workers: Workers) -> None:
-        """At the build's first compile: a spare for each GPU that a pending target importing libraries late will
-        need (one per such target, up to the GPUs), so that the first import runs beside other work, not in line."""
+        """At the build's first compile: a spare for each GPU that a target importing libraries late will need (one
+        per such target that will compile, up to the GPUs), so that the first import runs beside other work."""
         from .workers import SPARE_IMPORTS, family_of
 
         with self._workers_lock:
             if self._primed:
                 return
             self._primed = True
-        late = [k for k in self.pending_kinds() if SPARE_IMPORTS.get(family_of(k))]
+        late = self._late_kinds if self._late_kinds is not None else \
+            [k for k in self.pending_kinds() if SPARE_IMPORTS.get(family_of(k))]
         gpus = self.project.fingerprinter.gpu_plan.gpus
         if not late or not gpus:
             return
@@ -356,6 +376,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
                         extra = REMOTE_FETCHES
                         gate = {c: threading.Semaphore(runner.slots(c)) for c in (False, True)}
                     pool = ThreadPoolExecutor(max_workers=len(order))  # the slots above bound what runs
+                    runner.ahead(man, [name] + pending, lambda n: _will_build(project, n, results, options))
                 waiting.add(name)
                 running[pool.submit(run, job)] = (name, t0, gpu_bound)
             if not running:
@@ -380,6 +401,22 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
 def _kinds(man: Any, names: list[str]) -> set[str]:
     """The backend kinds these targets build with (a tuned target's: its candidates')."""
     return {man.backends[b].kind for n in names for b in (man.targets[n].candidates or [man.targets[n].backend])}
+
+
+def _will_build(project: Project, name: str, results: dict[str, TargetResult], options: BuildOptions) -> bool:
+    """Whether target NAME will compile in this build, judged before it is handed out: not up to date (its key is
+    computed here and again when it is handed out), or its upstream not built yet. A target that cannot be keyed
+    (its files broken) will not."""
+    man = project.manifest.model
+    up = man.targets[name].from_
+    if up is not None and up not in results:
+        return True
+    force = options.force or (options.retune and man.targets[name].candidates is not None)
+    try:
+        job = _prepare(project, name, results, force)
+    except (UserError, OSError):
+        return False
+    return job.current is None or options.check_reproducible
 
 
 QUICK_KINDS = {"export", "eager"}  # a trace and a save, seconds: scheduled ahead of Torch-TensorRT targets

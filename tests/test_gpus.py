@@ -649,5 +649,16 @@ def test_export_targets_go_first_and_each_gpu_a_trt_target_needs_gets_a_spare_at
             runner._prime(Seen())  # once per build
             assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in primed] == [uuid(i) for i in range(spares)], (pending, primed)
             assert all(kind == "torch_tensorrt_aot" for _, kind in primed)
+        # What build() says ahead of the first compile wins: only Torch-TensorRT targets that will compile count (an
+        # up-to-date one would get a spare importing torch_tensorrt for nothing).
+        for will, spares in (({"c_trt"}, 1), (set(), 0), ({"a_trt", "c_trt"}, 2)):
+            runner = LocalRunner(project, 1)
+            runner.pending_kinds = lambda: ["torch_tensorrt_aot"] * 2
+            asked: list[str] = []
+            runner.ahead(man, ["b_exp", "a_trt", "c_trt"], lambda n, will=will: asked.append(n) or n in will)
+            assert "b_exp" not in asked  # keys are computed for Torch-TensorRT targets only
+            primed.clear()
+            runner._prime(Seen())
+            assert len(primed) == spares, (will, primed)
     finally:
         project.close()

@@ -868,7 +868,7 @@ def server_start(obj: _Ctx, as_json: bool) -> None:
         import time
 
         from .daemon import DEFAULT_IDLE_S, idle_seconds
-        from .executor import _kinds
+        from .executor import server_kinds
         from .workers import _ForkServer, fork_unavailable, preload_for
 
         try:
@@ -878,7 +878,7 @@ def server_start(obj: _Ctx, as_json: bool) -> None:
         project = obj.open()
         try:
             man = project.manifest.model
-            preload = preload_for(_kinds(man, list(man.targets)))
+            preload = preload_for(server_kinds(man))
         finally:
             project.close()
         t0 = time.perf_counter()

@@ -223,33 +223,27 @@ def prune(base: Path, keep: Path, older_than_s: float = 86400.0) -> list[str]:
     """Remove what servers gone for a day left in BASE (a lock file per identity, a log they wrote): only files
     whose socket is gone, untouched for OLDER_THAN_S, and, for a lock, not held by anyone (taken before removal).
     Called by a build that is starting a server. Returns the names removed."""
-    import fcntl
     import time
 
     removed = []
     cutoff = time.time() - older_than_s
     for lock in base.glob("server-*.sock.lock"):
         sock = Path(str(lock)[: -len(".lock")])
-        if sock == keep or sock.exists():
-            continue
         try:
-            if lock.stat().st_mtime > cutoff:
+            if sock == keep or sock.exists() or lock.stat().st_mtime > cutoff:
                 continue
-            fd = os.open(lock, os.O_RDWR)
+            held = _Lock(sock, wait=False)
         except OSError:
-            continue
+            continue  # gone meanwhile, or held: a build of that toolchain is starting its server right now
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             for f in (Path(f"{sock}.log"), lock):
                 try:
                     f.unlink()
                     removed.append(f.name)
                 except FileNotFoundError:
                     pass
-        except OSError:
-            pass  # held: a build of that toolchain is starting its server right now
         finally:
-            os.close(fd)
+            held.release()
     return removed
 
 

@@ -106,9 +106,8 @@ class Runner:
         """Stop compiles in flight (Ctrl-C). Local workers get the terminal's SIGINT themselves."""
         return None
 
-    # The backend kinds of the targets not yet handed out, one entry per target and kind (set by build()): a runner
-    # may prepare for them.
-    pending_kinds: Callable[[], list[str]] = staticmethod(lambda: [])
+    # The backend kinds of the targets not yet handed out (set by build()): a runner may prepare for them.
+    pending_kinds: Callable[[], set[str]] = staticmethod(lambda: set())
 
     def schedule(self, man: Any, names: list[str]) -> list[str]:
         """The order in which build() hands out targets that are ready (upstreams still come first)."""
@@ -140,7 +139,7 @@ class LocalRunner(Runner):
         self._workers: Workers | None = None  # started at the first compile: a no-op build starts none
         self._workers_lock = threading.Lock()
         self._primed = False
-        self._late_kinds: list[str] | None = None  # from ahead(): one per Torch-TensorRT target that will compile
+        self._late_kinds: list[str] = []  # from ahead(): one per Torch-TensorRT target that will compile
         self.server_idle_s: float | None = None  # AITUNE_BUILD_SERVER: a persistent build server (daemon.py)
         self.server_kinds: set[str] = set()  # what that server preloads, besides self.kinds
         if os.environ.get("AITUNE_BUILD_SERVER"):
@@ -199,22 +198,17 @@ class LocalRunner(Runner):
         # Quick targets (export, eager) first, when the build also has targets whose workers import libraries late
         # (torch_tensorrt: SPARE_IMPORTS): the spares primed at the first compile import those beside them. Nothing
         # else moves (a long Inductor autotune ahead would only keep primed spares waiting).
-        from .workers import SPARE_IMPORTS, family_of
-
-        kinds = {n: _kind_list(man, [n]) for n in names}
-        if not any(SPARE_IMPORTS.get(family_of(k)) for ks in kinds.values() for k in ks):
+        if not any(_late_kinds(man, n) for n in names):
             return names
-        return sorted(names, key=lambda n: not set(kinds[n]) <= QUICK_KINDS)  # stable within each group
+        return sorted(names, key=lambda n: not _kinds(man, [n]) <= QUICK_KINDS)  # stable within each group
 
     def ahead(self, man: Any, names: list[str], will_build: Callable[[str], bool]) -> None:
         # Which Torch-TensorRT targets will compile, so that _prime forks no spare for targets that are up to date (a
         # wasted import of torch_tensorrt and a CUDA context); keys are computed only where there is a GPU to prime.
-        from .workers import SPARE_IMPORTS, family_of
-
         gpus = self.project.fingerprinter.gpu_plan.gpus
         found: list[str] = []
         for n in names:
-            late = [k for k in _kind_list(man, [n]) if SPARE_IMPORTS.get(family_of(k))]
+            late = _late_kinds(man, n)
             if gpus and late and len(found) < len(gpus) and will_build(n):
                 found.append(late[0])
         self._late_kinds = found
@@ -222,14 +216,11 @@ class LocalRunner(Runner):
     def _prime(self, workers: Workers) -> None:
         """At the build's first compile: a spare for each GPU that a target importing libraries late will need (one
         per such target that will compile, up to the GPUs), so that the first import runs beside other work."""
-        from .workers import SPARE_IMPORTS, family_of
-
         with self._workers_lock:
             if self._primed:
                 return
             self._primed = True
-        late = self._late_kinds if self._late_kinds is not None else \
-            [k for k in self.pending_kinds() if SPARE_IMPORTS.get(family_of(k))]
+        late = self._late_kinds or []  # build() said which, through ahead(), before any compile
         gpus = self.project.fingerprinter.gpu_plan.gpus
         if not late or not gpus:
             return
@@ -297,8 +288,8 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
     if runner is None:
         runner = LocalRunner(project, options.jobs)
         runner.kinds = _kinds(man, order)
-        if runner.server_idle_s is not None:  # a persistent server preloads for the whole manifest: a build of any
-            runner.server_kinds = _kinds(man, list(man.targets))  # of its targets finds the same one
+        if runner.server_idle_s is not None:
+            runner.server_kinds = server_kinds(man)
     # With a remote cache, REMOTE_FETCHES more targets than the runner's slots are in flight, so that downloads
     # overlap each other and the compiles; the compiles themselves still take a slot of their class (gate).
     extra, gate = 0, None
@@ -331,7 +322,7 @@ def build(project: Project, order: list[str], options: BuildOptions, listen: Lis
             return TargetResult(job.name, FAILED, job.key, reason=io_problem(e), error="io")
 
     pending = runner.schedule(man, list(order))
-    runner.pending_kinds = lambda: _kind_list(man, list(pending) + list(waiting))
+    runner.pending_kinds = lambda: _kinds(man, list(pending) + list(waiting))
     running: dict[Future, tuple[str, float, bool]] = {}  # future -> (target, start, GPU-bound)
     pool = None  # started at the first target that needs work: a no-op build needs no threads
     try:
@@ -419,12 +410,20 @@ def _will_build(project: Project, name: str, results: dict[str, TargetResult], o
     return job.current is None or options.check_reproducible
 
 
+def server_kinds(man: Any) -> set[str]:
+    """What a persistent build server preloads for this manifest: every target's kinds, so that a build of any of
+    them finds the same server (build() and `aitune-build server start` both ask here)."""
+    return _kinds(man, list(man.targets))
+
+
 QUICK_KINDS = {"export", "eager"}  # a trace and a save, seconds: scheduled ahead of Torch-TensorRT targets
 
 
-def _kind_list(man: Any, names: list[str]) -> list[str]:
-    """The backend kinds these targets build with, once per target and kind."""
-    return [k for n in names for k in {man.backends[b].kind for b in (man.targets[n].candidates or [man.targets[n].backend])}]
+def _late_kinds(man: Any, name: str) -> list[str]:
+    """The kinds of target NAME whose workers import libraries late (torch_tensorrt: workers.SPARE_IMPORTS)."""
+    from .workers import SPARE_IMPORTS, family_of
+
+    return sorted(k for k in _kinds(man, [name]) if SPARE_IMPORTS.get(family_of(k)))
 
 
 def _gpu_bound(man: Any, name: str, known: dict[tuple[str, ...], bool] | None = None) -> bool:

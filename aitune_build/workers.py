@@ -523,17 +523,21 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
     def socks() -> list[Any]:
         return [c.sock for c in conns.values()] + ([listener] if listener is not None else [])
 
-    def drop(conn: _Conn) -> None:  # the client is gone or done: nothing it started may outlive it
-        conns.pop(conn.sock.fileno(), None)
+    def kill_all(conn: _Conn, gone: bool) -> None:  # a client's children and spares; gone: no reply is owed
         for pid, (owner, _) in children.items():
             if owner is conn:
                 _kill(pid)
-                reaping.add(pid)
+                if gone:
+                    reaping.add(pid)
         for spid, wfd in conn.spares.values():
             _kill(spid)
             os.close(wfd)
             reaping.add(spid)
         conn.spares.clear()
+
+    def drop(conn: _Conn) -> None:  # the client is gone or done: nothing it started may outlive it
+        conns.pop(conn.sock.fileno(), None)
+        kill_all(conn, gone=True)
         conn.sock.close()
 
     def fork_spare(conn: _Conn, env: dict[str, str], late: list[str]) -> tuple[int, int]:
@@ -554,15 +558,8 @@ def serve(fd: int, preload: list[str], listen: str | None = None, idle_s: float 
             if listener is not None:
                 stopping.append(1)
             return
-        if req.get("kill"):
-            for pid, (owner, _) in children.items():
-                if owner is conn:
-                    _kill(pid)
-            for spid, wfd in conn.spares.values():
-                _kill(spid)
-                os.close(wfd)
-                reaping.add(spid)
-            conn.spares.clear()
+        if req.get("kill"):  # Ctrl-C in the build: its children's exit codes still go back to it
+            kill_all(conn, gone=False)
             return
         late = req.get("late") or []
         env_key = json.dumps([req.get("env") or {}, late], sort_keys=True)

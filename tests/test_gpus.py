@@ -612,6 +612,9 @@ backend = "trt"
 [targets.d_exp]
 module = "m"
 backend = "exp"
+[targets.e_trt]
+module = "m"
+backend = "trt"
 """
 
 
@@ -619,8 +622,8 @@ def test_export_targets_go_first_and_each_gpu_a_trt_target_needs_gets_a_spare_at
         tmp_path: Path, on_path) -> None:
     """The local runner hands out GPU targets without late imports (export) before Torch-TensorRT ones, keeping the
     manifest's order within each group, and at its first compile asks the warm server for one spare per GPU that a
-    pending Torch-TensorRT target will need (no more spares than such targets, none without them), so that
-    torch_tensorrt's import runs beside the export targets instead of in line."""
+    Torch-TensorRT target will need (no more spares than such targets that will compile, none without them, never
+    more than the GPUs), so that torch_tensorrt's import runs beside the export targets instead of in line."""
     from aitune_build.executor import LocalRunner
     from aitune_build.project import Project
     from aitune_build.workers import Workers
@@ -640,25 +643,22 @@ def test_export_targets_go_first_and_each_gpu_a_trt_target_needs_gets_a_spare_at
     try:
         man = project.manifest.model
         runner = LocalRunner(project, 1)
-        assert runner.schedule(man, ["a_trt", "b_exp", "c_trt", "d_exp"]) == ["b_exp", "d_exp", "a_trt", "c_trt"]
-        for pending, spares in ((["torch_tensorrt_aot"] * 3, 2), (["export", "torch_tensorrt_aot"], 1), (["export"], 0)):
+        assert runner.schedule(man, ["a_trt", "b_exp", "c_trt", "d_exp", "e_trt"]) == \
+            ["b_exp", "d_exp", "a_trt", "c_trt", "e_trt"]
+        assert runner.schedule(man, ["d_exp", "b_exp"]) == ["d_exp", "b_exp"]  # no TRT target: order kept
+        # build() says ahead of the first compile which targets will compile: only Torch-TensorRT targets that will
+        # count (an up-to-date one would get a spare importing torch_tensorrt for nothing), up to the GPUs.
+        names = ["b_exp", "a_trt", "c_trt", "d_exp", "e_trt"]
+        for will, spares in (({"a_trt", "c_trt", "e_trt"}, 2), ({"c_trt", "d_exp"}, 1), ({"b_exp", "d_exp"}, 0),
+                             (set(), 0), ({"a_trt", "c_trt"}, 2)):
             runner = LocalRunner(project, 1)
-            runner.pending_kinds = lambda pending=pending: pending
+            asked: list[str] = []
+            runner.ahead(man, names, lambda n, will=will: asked.append(n) or n in will)
+            assert not {"b_exp", "d_exp"} & set(asked)  # keys are computed for Torch-TensorRT targets only
             primed.clear()
             runner._prime(Seen())
             runner._prime(Seen())  # once per build
-            assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in primed] == [uuid(i) for i in range(spares)], (pending, primed)
+            assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in primed] == [uuid(i) for i in range(spares)], (will, primed)
             assert all(kind == "torch_tensorrt_aot" for _, kind in primed)
-        # What build() says ahead of the first compile wins: only Torch-TensorRT targets that will compile count (an
-        # up-to-date one would get a spare importing torch_tensorrt for nothing).
-        for will, spares in (({"c_trt"}, 1), (set(), 0), ({"a_trt", "c_trt"}, 2)):
-            runner = LocalRunner(project, 1)
-            runner.pending_kinds = lambda: ["torch_tensorrt_aot"] * 2
-            asked: list[str] = []
-            runner.ahead(man, ["b_exp", "a_trt", "c_trt"], lambda n, will=will: asked.append(n) or n in will)
-            assert "b_exp" not in asked  # keys are computed for Torch-TensorRT targets only
-            primed.clear()
-            runner._prime(Seen())
-            assert len(primed) == spares, (will, primed)
     finally:
         project.close()

@@ -186,7 +186,7 @@ class LocalRunner(Runner):
     def slots(self, gpu_bound: bool) -> int:  # no store opened here: a no-op build never opens it
         if not gpu_bound:
             return self.jobs
-        # Per GPU, one target compiling and one being checked (the pool lends each GPU to one compile at a time).
+        # Per GPU, one target compiling and one being saved or checked (the pool lends each GPU to one compile at a time).
         return max(1, len(self.project.fingerprinter.gpu_plan.gpus)) * (2 if self.overlap else 1)
 
     def unavailable(self, backend: Any) -> str | None:
@@ -235,7 +235,6 @@ class LocalRunner(Runner):
             started({})
             return _run_worker(project, name, artifact_dir, upstream, log, workers=workers, kind=backend.kind)
         from .gpus import Cancelled
-        from .worker import ARTIFACT_WRITTEN
         from .workers import family_of
 
         overlap = self.overlap
@@ -247,9 +246,10 @@ class LocalRunner(Runner):
                 started({"gpu": gpu.as_json()})
                 # Another target of this family still to come: the warm server may prepare a spare for this GPU.
                 more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
-                # Once the artifact is written, the next target may compile on this GPU while this one is checked.
-                early = OnPhase(progress_file(artifact_dir), ARTIFACT_WRITTEN, lease.give_back) \
-                    if backend.load_reads_only and overlap else None
+                # Once the build is done with the GPU (its artifact is being saved, or is written), the next target
+                # may compile on this GPU while this one is saved and checked.
+                free_from = backend.gpu_free_phase if overlap else None
+                early = OnPhase(progress_file(artifact_dir), free_from, lease.give_back) if free_from else None
                 try:
                     outcome = _run_worker(project, name, artifact_dir, upstream, log,
                                           env={"CUDA_VISIBLE_DEVICES": gpu.visible_devices}, workers=workers,

@@ -63,13 +63,16 @@ def program_imports(program: Any) -> tuple[list[str], list[str]]:
     return wanted, sorted(unknown)
 
 
-def record_imports(artifact: Path, root: Path, factory_module: str, check: dict[str, Any]) -> list[str]:
+def record_imports(artifact: Path, root: Path, factory_module: str, check: dict[str, Any], program: Any = None) -> list[str]:
     """In the worker after a build: the modules to import before loading `artifact`, proven by a fresh process.
 
-    check: what the fresh process needs to load it as load() would ({"backend": config JSON, "inputs": [...]})."""
-    import torch
+    check: what the fresh process needs to load it as load() would ({"backend": config JSON, "inputs": [...]}).
+    program: the ExportedProgram the check loaded from `artifact` already (a TensorRT engine's deserialisation costs
+    seconds); None: read here."""
+    if program is None:
+        import torch
 
-    program = torch.export.load(str(artifact))
+        program = torch.export.load(str(artifact))
     needed, unknown = program_imports(program)
     del program
     if not needed and not unknown:

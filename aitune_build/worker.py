@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from .backends.base import ARTIFACT_WRITTEN  # re-exported: the executor and remote.py watch for it
 from .errors import AituneError, CheckFailed, UserError
 from .fsutil import atomic_write_json
 from .factory import make_module
@@ -22,7 +23,6 @@ from .manifest import loaded_from_json
 
 _STARTED = time.time()  # a fresh-process worker's start, for its "worker_start" timing
 
-ARTIFACT_WRITTEN = "loading"  # the phase from which the artifact's bytes are final (loaded and checked, not written)
 _MAX_MESSAGE = 20_000  # the whole message goes to --json; the console shows its first lines (failures.bounded)
 
 
@@ -105,7 +105,7 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
         config=config, inputs=mod_spec.inputs, root=m.root, artifact_dir=Path(job["artifact_dir"]),
         make_module=module_for_backend,
         upstream=Path(job["upstream"]) if job.get("upstream") else None, extra={"backend_name": target.backend},
-        timings=timings,
+        timings=timings, report=phase,
     )
     phase(_BUILD_PHASE.get(config.kind, "compiling"))
     with ctx.phase("build"):
@@ -144,7 +144,8 @@ def run_job(job: dict[str, Any], started: float | None = None) -> dict[str, Any]
 
         t0 = time.perf_counter()
         record["imports"] = record_imports(ctx.artifact_dir / backend.artifact, m.root, mod_spec.factory.split(":")[0],
-                                           {"backend": to_json(config), "inputs": [to_json(i) for i in mod_spec.inputs]})
+                                           {"backend": to_json(config), "inputs": [to_json(i) for i in mod_spec.inputs]},
+                                           ctx.program)
         timings["fresh_load"] = time.perf_counter() - t0
     record.update(backend.after_check(ctx))
     _log_summary(job["target"], config.kind, phase.end(), checks)

@@ -7,7 +7,9 @@ batch 1 and 8: eight distinct keys, each a real TensorRT engine build, fp32, sta
 folder and built with `aitune-build build --gpus 0` and with `--gpus 0,1`, each time with an empty cache and out
 dir (cold), as whole processes. Run order: 1 GPU, 2 GPUs, then, as far as the time budget allows, 1 GPU with
 AITUNE_GPU_OVERLAP=0 (no compile beside a check: what a GPU's overlap of the two is worth) and 1 GPU again (so a
-cold disk cache on the first run shows up as a difference between the two 1-GPU runs). Prints and writes JSON.
+cold disk cache on the first run shows up as a difference between the two 1-GPU runs); `--order a,b,b,a,a,b`
+alternates rounds, and the ratio is then also given per round (each pair of builds next to each other). Each build
+records its targets' phase timings (build.json) and the host's load. Prints and writes JSON.
 """
 
 from __future__ import annotations
@@ -58,19 +60,48 @@ def build_cold(template: Path, work: Path, gpus: str, overlap: bool = True) -> d
     shutil.copytree(template, proj)
     env = {**os.environ, "PYTHONPATH": str(REPO) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
            "AITUNE_CACHE_DIR": str(proj / ".cache"), "AITUNE_GPU_OVERLAP": "1" if overlap else "0", **SERVER_ENV}
+    load_before, cpu_before = os.getloadavg()[0], _cpu_times()
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "aitune_build", "-C", str(proj), "build", "--gpus", gpus, "--json", "-k"],
                           env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu_after = _cpu_times()
     try:
         doc = json.loads(proc.stdout)
     except ValueError:
         doc = {"targets": [], "error": (proc.stdout + proc.stderr)[-3000:]}
     targets = [{"name": t["name"], "status": t["status"], "seconds": t["seconds"],
-                "gpu": (t.get("gpu") or {}).get("index"), "reason": t["reason"][:300]} for t in doc.get("targets", [])]
+                "gpu": (t.get("gpu") or {}).get("index"), "reason": t["reason"][:300],
+                "timings": _timings(proj / "build" / t["name"])} for t in doc.get("targets", [])]
     shutil.rmtree(proj, ignore_errors=True)
+    # What else the host did meanwhile: the load average, and the CPU seconds the whole host (every core /proc/stat
+    # counts, other tenants included) spent busy and idle during the build.
+    host = {"load1_before": round(load_before, 2), "load1_after": round(os.getloadavg()[0], 2)}
+    if cpu_before and cpu_after:
+        host["host_cpu_s"] = round(cpu_after[0] - cpu_before[0], 1)
+        host["idle_cpu_s"] = round(cpu_after[1] - cpu_before[1], 1)
     return {"gpus": gpus, "overlap": overlap, "wall_s": round(wall, 2), "exit_code": proc.returncode, "targets": targets,
-            "built": sum(t["status"] == "built" for t in targets), **({"error": doc["error"]} if "error" in doc else {})}
+            "built": sum(t["status"] == "built" for t in targets), "host": host,
+            **({"error": doc["error"]} if "error" in doc else {})}
+
+
+def _timings(folder: Path) -> dict | None:
+    """The worker's phase timings of a built target (its build.json), for where a slow build spent its time."""
+    try:
+        return json.loads((folder / "build.json").read_text()).get("timings")
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, idle) CPU seconds of the whole host since boot, from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / tick, idle / tick
 
 
 def machine() -> dict:
@@ -127,7 +158,18 @@ def main() -> int:
     if a and b:
         results["speedup"] = round(min(a) / b[0], 3)  # against the faster baseline run: the conservative ratio
         results["speedup_first_baseline"] = round(a[0] / b[0], 3)
-        print(f"speed-up {args.gpus_b} vs {args.gpus_a}: {results['speedup']}x (goal >= 1.8x)")
+        # Several rounds (--order a,b,b,a,a,b): medians of each side's builds, the ratio of those, and the median of
+        # the ratios of the builds next to each other (a host that slows down for a while hits both sides of a pair).
+        results["speedup_medians"] = round(statistics.median(a) / statistics.median(b), 3)
+        runs = [r for r in results["runs"] if r["overlap"]]
+        pairs = [(x, y) for x, y in zip(runs[::2], runs[1::2]) if {x["gpus"], y["gpus"]} == {args.gpus_a, args.gpus_b}]
+        ratios = [(x if x["gpus"] == args.gpus_a else y)["wall_s"] / (y if x["gpus"] == args.gpus_a else x)["wall_s"]
+                  for x, y in pairs]
+        if ratios:
+            results["speedup_pairs"] = [round(r, 3) for r in ratios]
+            results["speedup_pairs_median"] = round(statistics.median(ratios), 3)
+        print(f"speed-up {args.gpus_b} vs {args.gpus_a}: {results['speedup']}x conservative, {results['speedup_medians']}x "
+              f"medians, pairs {results.get('speedup_pairs')} (goal >= 1.8x)")
     if SERVER_ENV:
         subprocess.run([sys.executable, "-m", "aitune_build", "server", "stop"], env={**os.environ, **SERVER_ENV,
                        "PYTHONPATH": str(REPO)}, capture_output=True)

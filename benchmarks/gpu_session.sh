@@ -2,7 +2,8 @@
 # One GPU session's work, in phases that each fit one 10-minute command of the device tool (see
 # ../shared/gpu/README.md for installing torch-tensorrt-rtx first). Results and logs go to $OUT (default ./gpu-out).
 #
-#   bash benchmarks/gpu_session.sh tests      # GPU 0: TRT + worker GPU tests, import probe | GPU 1: serve + tuning GPU tests
+#   bash benchmarks/gpu_session.sh tests      # GPU 0: TRT + worker + build-server GPU tests | GPU 1: serve + tuning GPU
+#                                             # tests; then the two-GPU test if there are two
 #   bash benchmarks/gpu_session.sh serve      # GPU 0: tuning benchmark, encoder     | GPU 1: benchmarks/gpu_serve.py
 #   bash benchmarks/gpu_session.sh retest     # GPU 0: the failed GPU tests again    | GPU 1: tuning benchmark
 #   bash benchmarks/gpu_session.sh multi      # both GPUs: benchmarks/gpu_multi.py, then the two-GPU test
@@ -10,6 +11,8 @@
 #   bash benchmarks/gpu_session.sh overlap    # compile beside check, on vs off: GPU 0 six targets | GPU 1 eight TRT
 #   bash benchmarks/gpu_session.sh trt        # GPU 0: TRT + worker GPU tests, JIT first-call profile | GPU 1: gpu_warm.py
 #   bash benchmarks/gpu_session.sh server     # persistent build server: gpu_warm.py --server, then gpu_multi.py --server
+#   bash benchmarks/gpu_session.sh rounds     # 2 vs 1 GPU, alternated: gpu_multi.py --server, order a,b,b,a,a,b
+#   bash benchmarks/gpu_session.sh rounds-cold  # the same without a build server (one per build), order a,b,b,a
 #
 # Where two things share a phase they run on different GPUs at the same time (the host has 16-32 cores); the
 # benchmarks interleave their own baselines, so a busy neighbour hits both sides of each ratio.
@@ -22,15 +25,27 @@ stamp() { date -u +%H:%M:%S; }
 
 case "${1:-}" in
 tests)
-  (CUDA_VISIBLE_DEVICES=0 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
-      tests/test_workers.py >"$OUT/gpu-tests-0.log" 2>&1
-   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-0.log"
-   CUDA_VISIBLE_DEVICES=0 timeout 120 $py benchmarks/trt_import_probe.py --out "$OUT/trt-import-probe.json" \
-      >"$OUT/trt-import-probe.log" 2>&1) &
-  (CUDA_VISIBLE_DEVICES=1 timeout 480 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_serve_gpu.py \
+  (CUDA_VISIBLE_DEVICES=0 timeout 420 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_tensorrt.py \
+      tests/test_workers.py tests/test_daemon.py >"$OUT/gpu-tests-0.log" 2>&1
+   echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-0.log") &
+  (CUDA_VISIBLE_DEVICES=1 timeout 420 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_serve_gpu.py \
       tests/test_tuning_gpu.py >"$OUT/gpu-tests-1.log" 2>&1
    echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-1.log") &
   wait
+  if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+    timeout 110 $py -m pytest -q -rA -m gpu -p no:cacheprovider tests/test_gpus.py >"$OUT/gpu-tests-2gpu.log" 2>&1
+    echo "pytest exit $? at $(stamp)" >>"$OUT/gpu-tests-2gpu.log"
+  fi
+  ;;
+rounds)  # 2 vs 1 GPU with a persistent build server, alternated so that a host slowing down hits both sides
+  timeout 320 $py benchmarks/gpu_multi.py --server --order a,b,b,a,a,b --budget-s 300 --out "$OUT/gpu-multi-rounds.json" \
+      >"$OUT/gpu-multi-rounds.log" 2>&1
+  echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi-rounds.log"
+  ;;
+rounds-cold)  # the same without a build server: each build starts its own fork server
+  timeout 280 $py benchmarks/gpu_multi.py --order a,b,b,a --budget-s 250 --out "$OUT/gpu-multi-rounds-cold.json" \
+      >"$OUT/gpu-multi-rounds-cold.log" 2>&1
+  echo "gpu_multi exit $? at $(stamp)" >>"$OUT/gpu-multi-rounds-cold.log"
   ;;
 serve)  # the first build + 9 --retune selections = the 10 fresh selections of issue 14's consistency goal
   (CUDA_VISIBLE_DEVICES=0 timeout 480 $py benchmarks/tuning.py --device cuda --model encoder \
@@ -94,7 +109,7 @@ overlap)  # alternated on/off (AITUNE_GPU_OVERLAP), each side on its own GPU so 
   wait
   ;;
 *)
-  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm|overlap|trt|server" >&2
+  echo "usage: bash benchmarks/gpu_session.sh tests|serve|retest|multi|warm|overlap|trt|server|rounds|rounds-cold" >&2
   exit 2
   ;;
 esac

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import gone, make_project, sigint_default
+from .test_tensorrt import gpu_project, needs_gpu  # noqa: F401  (the GPU project fixture)
 
 PKG = str(Path(__file__).resolve().parent.parent)
 
@@ -347,3 +348,34 @@ def test_what_servers_gone_for_a_day_left_is_removed_and_nothing_else(tmp_path: 
         os.close(fd)
     assert sorted(removed) == ["server-old.sock.lock", "server-old.sock.log"], removed
     assert all(Path(f"{s}.lock").exists() for s in (fresh, live, held))
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_torch_tensorrt_targets_build_in_the_persistent_server_and_rebuild_from_it(runtime: Path,
+                                                                                   gpu_project: Path) -> None:  # noqa: F811
+    """On a GPU: an export target and a Torch-TensorRT target built by children of one persistent server, the TRT one
+    in a spare that imported torch_tensorrt ahead (the server itself never does: it would start CUDA, and it refuses
+    to serve then); a `-f` rebuild of the TRT target forks from the same server, and its engine passes the check."""
+    env = {"AITUNE_BUILD_SERVER": "120",  # torch_tensorrt may come from PYTHONPATH (the GPU machine's wheels)
+           "PYTHONPATH": os.pathsep.join(p for p in (PKG, os.environ.get("PYTHONPATH")) if p)}
+    names = ["cnn_export", "cnn_aot32"]
+    out = cli(gpu_project, "build", "-k", "--json", "--gpus", "0", *names, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert {t["name"]: t["status"] for t in json.loads(out.stdout)["targets"]} == dict.fromkeys(names, "built")
+    pids = {server_pid(first_line(gpu_project, n)) for n in names}
+    assert len(pids) == 1, pids
+    (pid,) = pids
+    second = (gpu_project / "build/cnn_aot32/build.log").read_text().splitlines()[1]
+    assert second.startswith("aitune-build: spare worker: torch_tensorrt imported ahead"), second
+    assert not gone(pid, 0.5), "the server left with its build"
+    again = cli(gpu_project, "build", "-f", "--json", "--gpus", "0", "cnn_aot32", env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    (rebuilt,) = json.loads(again.stdout)["targets"]
+    assert rebuilt["status"] == "built", rebuilt
+    assert server_pid(first_line(gpu_project, "cnn_aot32")) == pid
+    rec = json.loads((gpu_project / "build/cnn_aot32/build.json").read_text())
+    assert rec["gpu"]["index"] == "0" and all(v["passed"] for v in rec["check"]["variants"].values()), rec["check"]
+    stop = cli(gpu_project, "server", "stop", env=env)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert gone(pid, 20), "server stop did not stop it"

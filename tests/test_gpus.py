@@ -551,6 +551,65 @@ def test_the_next_target_compiles_on_the_gpu_while_the_previous_one_is_checked(t
     assert (log / "t0-check-saw-t1").read_text() == "True"
 
 
+SAVE_PROBES = """
+[project]
+name = "saves"
+
+[modules.m]
+factory = "models.probe:build"
+args = {{ i = 1 }}
+inputs = [{{ name = "input", shape = [2, 4] }}]
+
+[backends.s0]
+kind = "{kind}"
+mark = "{log}/started-0"
+wait_for = "{log}/started-1"
+wait_s = {wait_s}
+
+[backends.s1]
+kind = "{kind}"
+mark = "{log}/started-1"
+wait_for = "{log}/started-0"
+wait_s = {wait_s}
+
+[targets.t0]
+module = "m"
+backend = "s0"
+
+[targets.t1]
+module = "m"
+backend = "s1"
+"""
+
+
+def test_the_gpu_is_given_back_when_a_save_that_needs_no_gpu_starts(tmp_path: Path, on_path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """One (fake) GPU, two targets whose save waits for the other target's build to start. A backend whose save
+    needs no GPU (an exported program, written as built) gives the GPU back as its save starts, so the other target
+    compiles meanwhile and each save sees the other's build; with a save that needs the GPU, the GPU stays lent until
+    the artifact is written, and the first target's save waits in vain."""
+    log, _ = _overlap_project(tmp_path, on_path, monkeypatch, wait_s=0)
+    monkeypatch.setenv("AITUNE_BACKENDS", "saveprobe=tests.toy_backend:SaveProbeBackend,"
+                                          "saveprobe_gpu=tests.toy_backend:SaveOnGpuProbeBackend")
+    monkeypatch.setenv(TEST_GPU_BOUND_ENV, "saveprobe,saveprobe_gpu")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    saw = {}
+    for kind, wait_s in (("saveprobe", 20), ("saveprobe_gpu", 2)):
+        for f in log.glob("started-*"):
+            f.unlink()
+        root = tmp_path / kind
+        (root / "models").mkdir(parents=True)
+        (root / "models/probe.py").write_text(OVERLAP_PROBE.format(log=str(log), wait_s=0))
+        (root / "aitune.toml").write_text(SAVE_PROBES.format(kind=kind, log=str(log), wait_s=wait_s))
+        code, out, data = run_cli(root, "build", "--json", "t0", "t1")
+        assert code == 0, out
+        assert {t["gpu"]["uuid"] for t in data["targets"]} == {uuid(0)}
+        saw[kind] = sorted(json.loads((root / "build" / t / "build.json").read_text())["record"]["saw"] for t in ("t0", "t1"))
+    assert saw["saveprobe"] == [True, True], saw  # each build started while the other one saved
+    assert saw["saveprobe_gpu"] == [False, True], saw  # the second started once the first had written its artifact
+
+
 @pytest.mark.slow
 def test_a_target_waiting_for_its_gpu_counts_as_still_to_come(tmp_path: Path, on_path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,3 +36,48 @@ class ToyBackend(Backend):
             return module(**inputs) * scale
 
         return call
+
+
+class SaveProbeConfig(BackendConfig):
+    """For the GPU scheduler's tests: files that show which builds ran at the same time."""
+
+    mark: str = option("", "A file the build creates when it starts.")
+    wait_for: str = option("", "A file the save waits for (at most wait_s), noting whether it came.")
+    wait_s: float = 20.0
+
+
+class SaveProbeBackend(Backend):
+    """A build whose save waits for another target's build to start: it can only when the GPU is given back at
+    "saving" (`saves_off_gpu`). AITUNE_BACKENDS="saveprobe=tests.toy_backend:SaveProbeBackend"."""
+
+    kind = "saveprobe"
+    config_class = SaveProbeConfig
+    artifact = "record.json"
+    deterministic = True
+    load_reads_only = True
+    saves_off_gpu = True
+
+    def build(self, ctx: BuildContext) -> dict[str, Any]:
+        import time
+        from pathlib import Path
+
+        if self.config.mark:
+            Path(self.config.mark).touch()
+        with ctx.phase("save"):
+            deadline = time.monotonic() + self.config.wait_s
+            while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            saw = bool(self.config.wait_for) and Path(self.config.wait_for).exists()
+            self.write_record(ctx)
+        return {"saw": saw}
+
+    def load(self, ctx: BuildContext):
+        module = ctx.source_module()
+        return lambda **inputs: module(**inputs)
+
+
+class SaveOnGpuProbeBackend(SaveProbeBackend):
+    """The same, with a save that needs the GPU: the GPU stays lent until the artifact is written."""
+
+    kind = "saveprobe_gpu"
+    saves_off_gpu = False

@@ -13,6 +13,9 @@ from ..gpus import test_gpu_bound
 from ..spec import Spec, to_json
 from ..toolchain import dist_version, gpu_info, has_module
 
+SAVING = "saving"  # the worker's phase while a backend saves what it built (BuildContext.phase("save"))
+ARTIFACT_WRITTEN = "loading"  # the phase from which the artifact's bytes are final (loaded and checked, not written)
+
 TYPE_CHECKING = False  # typing is not imported at run time: a no-op build pays for every import
 if TYPE_CHECKING:
     from typing import Any, ClassVar, Literal
@@ -53,10 +56,14 @@ class BuildContext:
     upstream: Path | None = None  # an upstream target's artifact file (a `from` edge)
     extra: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per phase (build.json "timings")
+    program: Any = None  # load(): the ExportedProgram it read, so the worker's import record does not read it again
+    report: Callable[[str], None] | None = None  # the worker's phase protocol: phase("save") reports SAVING on it
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time a phase of the build ("construct", "export", "compile", "save", ...); repeated phases add up."""
+        if name == "save" and self.report is not None:
+            self.report(SAVING)
         t0 = time.perf_counter()
         try:
             yield
@@ -108,6 +115,16 @@ class Backend:
     # Whether load() only reads the artifact (no compile, no factory call): the GPU may then compile the next target
     # while this one is loaded and checked (gpus.GpuPool.give_back). Not for JIT kinds, which compile at load.
     load_reads_only: ClassVar[bool] = False
+    # With load_reads_only: whether saving the artifact uses the GPU no more than loading it (it serialises what is
+    # built; it neither traces nor compiles): the GPU is then given back when the save starts, not once it ends.
+    saves_off_gpu: ClassVar[bool] = False
+
+    @property
+    def gpu_free_phase(self) -> str | None:
+        """The worker's phase from which the next target may compile on this target's GPU; None: once it ends."""
+        if not self.load_reads_only:
+            return None
+        return SAVING if self.saves_off_gpu else ARTIFACT_WRITTEN
 
     @property
     def times_kernels(self) -> bool:

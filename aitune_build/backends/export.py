@@ -33,6 +33,7 @@ class ExportBackend(Backend):
     artifact = "model.pt2"
     deterministic = True
     load_reads_only = True
+    saves_off_gpu = True  # torch.export.save writes the program and its weights
     preload = ("torch", "torch._dynamo", "torch._export", "torch._functorch.aot_autograd",
                "torch.fx.experimental.symbolic_shapes", "aitune_build.backends.exported")
     revision = 2  # 2: stack traces (absolute source paths) left out of the saved program
@@ -57,4 +58,5 @@ class ExportBackend(Backend):
 
         from .exported import ProgramCall
 
-        return ProgramCall(torch.export.load(str(ctx.artifact_dir / self.artifact)), ctx.inputs)
+        ctx.program = torch.export.load(str(ctx.artifact_dir / self.artifact))
+        return ProgramCall(ctx.program, ctx.inputs)

@@ -45,6 +45,12 @@ class TorchTensorRTAotBackend(Backend):
         return self.config.output_format == "exported_program"
 
     @property
+    def saves_off_gpu(self) -> bool:  # type: ignore[override]
+        # An exported program is saved without re-tracing (retrace=False): the engine's bytes are written as built.
+        # torchscript traces the compiled module (it runs it) and aot_inductor compiles it again: both use the GPU.
+        return self.config.output_format == "exported_program"
+
+    @property
     def times_kernels(self) -> bool:  # type: ignore[override]
         return trt.times_kernels()
 
@@ -111,6 +117,7 @@ class TorchTensorRTAotBackend(Backend):
             return trt.CastingCall(_Positional(loaded, [s.name for s in ctx.inputs]), cast)
         from .exported import ProgramCall
 
+        ctx.program = loaded
         return trt.CastingCall(ProgramCall(loaded, ctx.inputs), cast)
 
 

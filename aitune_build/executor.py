@@ -241,8 +241,9 @@ class LocalRunner(Runner):
         try:
             # A compile that times kernels (TensorRT's tactics, Inductor's autotuning) has the GPU to itself: it waits
             # for the checks of earlier targets still running there.
+            asked = time.perf_counter()
             with self._gpus().acquire(exclusive=overlap and backend.times_kernels) as lease:  # given back however it ends
-                gpu = lease.gpu
+                gpu, waited = lease.gpu, time.perf_counter() - asked
                 started({"gpu": gpu.as_json()})
                 # Another target of this family still to come: the warm server may prepare a spare for this GPU.
                 more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
@@ -259,6 +260,8 @@ class LocalRunner(Runner):
                         early.stop()
         except Cancelled:  # Ctrl-C while waiting for a GPU
             return {"ok": False, "error": "crash", "message": "interrupted"}
+        if isinstance(outcome.get("timings"), dict):  # a target's seconds in --json include this wait
+            outcome["timings"]["gpu_wait"] = round(waited, 4)
         return {**outcome, "gpu": gpu.as_json()}
 
     def cancel(self) -> None:  # Ctrl-C: kill the running workers now; their threads see a crash and store nothing

@@ -249,7 +249,7 @@ class LocalRunner(Runner):
                 more = family_of(backend.kind) in {family_of(k) for k in self.pending_kinds()}
                 # Once the build is done with the GPU (its artifact is being saved, or is written), the next target
                 # may compile on this GPU while this one is saved and checked.
-                free_from = backend.gpu_free_phase if overlap else None
+                free_from = backend.gpu_free_phases if overlap else ()
                 early = OnPhase(progress_file(artifact_dir), free_from, lease.give_back) if free_from else None
                 try:
                     outcome = _run_worker(project, name, artifact_dir, upstream, log,
@@ -631,18 +631,19 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
 
 
 class OnPhase:
-    """Calls `then()` once, in a thread of its own, when the worker writing `progress` has reported `phase`; stop()
-    ends the watch (waiting for a call under way). A worker that ends before the phase never calls it."""
+    """Calls `then()` once, in a thread of its own, when the worker writing `progress` has reported `phase` (or any
+    of several); stop() ends the watch (waiting for a call under way). A worker that ends before it never calls it."""
 
-    def __init__(self, progress: Path, phase: str, then: Callable[[], None]):
+    def __init__(self, progress: Path, phase: str | tuple[str, ...], then: Callable[[], None]):
+        phases = {phase} if isinstance(phase, str) else set(phase)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(progress, phase, then), name=f"aitune-on-{phase}",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(progress, phases, then),
+                                        name=f"aitune-on-{'-'.join(sorted(phases))}", daemon=True)
         self._thread.start()
 
-    def _watch(self, progress: Path, phase: str, then: Callable[[], None]) -> None:
+    def _watch(self, progress: Path, phases: set[str], then: Callable[[], None]) -> None:
         while not self._stop.wait(0.05):
-            if phase in read_phases(progress):
+            if phases.intersection(read_phases(progress)):
                 then()
                 return
 

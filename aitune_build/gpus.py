@@ -120,7 +120,7 @@ class GpuPool:
     """Lends each GPU to one compile at a time: within this process (a condition) and across processes that share
     the lock folder (one lock file per GPU UUID, held while the compile runs). A GPU is given back when the block
     exits, whatever happens inside (a failed or crashed worker frees its GPU), or earlier through Lease.give_back():
-    once a worker is done with the GPU (its backend's `gpu_free_phase`: its save started, or its artifact is written),
+    once a worker is done with the GPU (its backend's `gpu_free_phases`: its save started, or its artifact is written),
     the next compile may start on the GPU while that worker saves, loads and checks.
 
     Until its block exits, a lease also *uses* its GPU (in this process a count, across processes a shared flock on

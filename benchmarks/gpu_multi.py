@@ -149,9 +149,10 @@ def main() -> int:
             print(f"--gpus {gpus} (overlap {'on' if overlap else 'off'}): {run['wall_s']:.1f} s, {run['built']}/8 built, "
                   f"exit {run['exit_code']}", flush=True)
             Path(args.out).write_text(json.dumps(results, indent=2))  # partial results survive a timeout
-    a = [r["wall_s"] for r in results["runs"] if r["gpus"] == args.gpus_a and r["overlap"]]
-    b = [r["wall_s"] for r in results["runs"] if r["gpus"] == args.gpus_b]
-    off = [r["wall_s"] for r in results["runs"] if not r["overlap"]]
+    complete = [r for r in results["runs"] if r["built"] == 8]  # a ratio of builds that skipped targets means nothing
+    a = [r["wall_s"] for r in complete if r["gpus"] == args.gpus_a and r["overlap"]]
+    b = [r["wall_s"] for r in complete if r["gpus"] == args.gpus_b]
+    off = [r["wall_s"] for r in complete if not r["overlap"]]
     if a and off:
         results["overlap_speedup_1gpu"] = round(statistics.median(off) / statistics.median(a), 3)  # off / on, medians
         print(f"1 GPU, compile beside check: {results['overlap_speedup_1gpu']}x faster than without")
@@ -162,7 +163,8 @@ def main() -> int:
         # the ratios of the builds next to each other (a host that slows down for a while hits both sides of a pair).
         results["speedup_medians"] = round(statistics.median(a) / statistics.median(b), 3)
         runs = [r for r in results["runs"] if r["overlap"]]
-        pairs = [(x, y) for x, y in zip(runs[::2], runs[1::2]) if {x["gpus"], y["gpus"]} == {args.gpus_a, args.gpus_b}]
+        pairs = [(x, y) for x, y in zip(runs[::2], runs[1::2])
+                 if {x["gpus"], y["gpus"]} == {args.gpus_a, args.gpus_b} and x["built"] == y["built"] == 8]
         ratios = [(x if x["gpus"] == args.gpus_a else y)["wall_s"] / (y if x["gpus"] == args.gpus_a else x)["wall_s"]
                   for x, y in pairs]
         if ratios:

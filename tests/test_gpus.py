@@ -594,7 +594,7 @@ def test_the_gpu_is_given_back_when_a_save_that_needs_no_gpu_starts(tmp_path: Pa
     monkeypatch.setenv(TEST_GPU_BOUND_ENV, "saveprobe,saveprobe_gpu")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
                                                                   os.environ.get("PYTHONPATH")) if p))
-    saw, waited = {}, {}
+    saw, waited, before = {}, {}, {}
     for kind, wait_s in (("saveprobe", 20), ("saveprobe_gpu", 2)):
         for f in log.glob("started-*"):
             f.unlink()
@@ -608,6 +608,8 @@ def test_the_gpu_is_given_back_when_a_save_that_needs_no_gpu_starts(tmp_path: Pa
         recs = [json.loads((root / "build" / t / "build.json").read_text()) for t in ("t0", "t1")]
         saw[kind] = sorted(r["record"]["saw"] for r in recs)
         waited[kind] = max(r["timings"]["gpu_wait"] for r in recs)
+        before[kind] = sorted(r["record"]["saw_before_save"] for r in recs)
+    assert before["saveprobe"] == [False, True], before  # the GPU was not given back before the first save started
     assert saw["saveprobe"] == [True, True], saw  # each build started while the other one saved
     assert saw["saveprobe_gpu"] == [False, True], saw  # the second started once the first had written its artifact
     assert waited["saveprobe_gpu"] >= 2.0, waited  # the second target waited out the first one's save for its GPU

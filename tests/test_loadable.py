@@ -141,6 +141,45 @@ def test_registration_no_import_makes_fails_the_build(tmp_path: Path, monkeypatc
     assert not (root / "build/pair_export/build.json").exists()
 
 
+RECORD_BOTH_WAYS = textwrap.dedent("""
+    import json, os, sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, {root!r})
+    import models.pair
+    from aitune_build.inputs import export_dynamic_shapes
+    from aitune_build.loadable import record_imports
+    from aitune_build.manifest import load_manifest
+    from aitune_build.spec import to_json
+
+    m = load_manifest(Path({root!r}) / "aitune.toml").model
+    specs = m.modules["pair"].inputs
+    path = Path({art!r}) / "model.pt2"
+    path.parent.mkdir()
+    ep = torch.export.export(models.pair.build(), (), {{"x": torch.ones(2, 3)}}, dynamic_shapes=export_dynamic_shapes(specs))
+    torch.export.save(ep, str(path))
+    check = {{"backend": to_json(m.backends["exp"]), "inputs": [to_json(i) for i in specs]}}
+    read = record_imports(path, Path({root!r}), "models.pair", check)  # a plugin's load() that set no ctx.program
+    given = record_imports(path, Path({root!r}), "models.pair", check, torch.export.load(str(path)))
+    print(json.dumps([read, given]))
+    """)
+
+
+@pytest.mark.slow
+def test_the_import_record_is_the_same_whether_it_reads_the_artifact_or_is_given_the_checked_program(
+        tmp_path: Path) -> None:
+    """The worker hands record_imports the program its check loaded (a second read would deserialise a TensorRT
+    engine again); without one (a backend whose load() does not set ctx.program) it reads the file: same record."""
+    root = _project(tmp_path, "outputs")
+    code = RECORD_BOTH_WAYS.format(root=str(root), art=str(tmp_path / "art"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": PKG_PARENT, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == [["models.outputs"], ["models.outputs"]]
+
+
 OPS = textwrap.dedent("""
     import torch
 

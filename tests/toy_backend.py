@@ -63,13 +63,17 @@ class SaveProbeBackend(Backend):
 
         if self.config.mark:
             Path(self.config.mark).touch()
+        deadline = time.monotonic() + 1.0  # before the save, the other build cannot have started unless it came first
+        while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        saw_before_save = bool(self.config.wait_for) and Path(self.config.wait_for).exists()
         with ctx.phase("save"):
             deadline = time.monotonic() + self.config.wait_s
             while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
             saw = bool(self.config.wait_for) and Path(self.config.wait_for).exists()
             self.write_record(ctx)
-        return {"saw": saw}
+        return {"saw": saw, "saw_before_save": saw_before_save}
 
     def load(self, ctx: BuildContext):
         module = ctx.source_module()

@@ -117,14 +117,16 @@ class Backend:
     load_reads_only: ClassVar[bool] = False
     # With load_reads_only: whether saving the artifact uses the GPU no more than loading it (it serialises what is
     # built; it neither traces nor compiles): the GPU is then given back when the save starts, not once it ends.
+    # The contract: build() enters its first `ctx.phase("save")` only after everything in it that uses the GPU.
     saves_off_gpu: ClassVar[bool] = False
 
     @property
-    def gpu_free_phase(self) -> str | None:
-        """The worker's phase from which the next target may compile on this target's GPU; None: once it ends."""
+    def gpu_free_phases(self) -> tuple[str, ...]:
+        """The worker's phases from which (the first reported) the next target may compile on this target's GPU;
+        none: once the target ends. A backend that saves off the GPU without a `save` phase gets it at loading."""
         if not self.load_reads_only:
-            return None
-        return SAVING if self.saves_off_gpu else ARTIFACT_WRITTEN
+            return ()
+        return (SAVING, ARTIFACT_WRITTEN) if self.saves_off_gpu else (ARTIFACT_WRITTEN,)
 
     @property
     def times_kernels(self) -> bool:

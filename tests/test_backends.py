@@ -126,48 +126,48 @@ def test_trace_shapes_avoid_1_and_sizes_other_axes_have() -> None:
     assert got == {"x": (4, 2, 3), "m": (4, 5), "one": (1,)}
 
 
+def _backends(tmp_path: Path, sections: str) -> dict:
+    """{name: backend instance} for the [backends.*] SECTIONS of a manifest."""
+    from aitune_build.backends import backend_for
+    from aitune_build.manifest import load_manifest
+
+    (tmp_path / "aitune.toml").write_text('[project]\nname = "k"\n' + sections)
+    return {name: backend_for(c.kind)(c) for name, c in load_manifest(tmp_path / "aitune.toml").model.backends.items()}
+
+
 def test_when_each_backend_gives_its_gpu_to_the_next_compile(tmp_path: Path) -> None:
     """From the first of these worker phases on, the next target may compile on a target's GPU: when its save starts
     where the save writes what was built (an exported program, also Torch-TensorRT's, saved without re-tracing),
     once the artifact is written where saving traces or compiles, and never while a JIT target runs (it compiles
     at load)."""
-    from aitune_build.backends import backend_for
-    from aitune_build.manifest import load_manifest
-
-    (tmp_path / "aitune.toml").write_text(
-        '[project]\nname = "k"\n'
-        '[backends.exp]\nkind = "export"\n'
-        '[backends.aoti]\nkind = "inductor_aot"\n'
-        '[backends.trt]\nkind = "torch_tensorrt_aot"\n'
-        '[backends.trt_ts]\nkind = "torch_tensorrt_aot"\noutput_format = "torchscript"\n'
-        '[backends.trt_aoti]\nkind = "torch_tensorrt_aot"\noutput_format = "aot_inductor"\n'
-        '[backends.jit]\nkind = "inductor_jit"\n'
-        '[backends.trt_jit]\nkind = "torch_tensorrt_jit"\n'
-        '[backends.eager]\nkind = "eager"\n')
-    configs = load_manifest(tmp_path / "aitune.toml").model.backends
-    free = {name: backend_for(c.kind)(c).gpu_free_phases for name, c in configs.items()}
-    assert free == {"exp": ("saving", "loading"), "aoti": ("loading",), "trt": ("saving", "loading"),
-                    "trt_ts": ("loading",), "trt_aoti": ("loading",), "jit": (), "trt_jit": (), "eager": ()}
+    backends = _backends(tmp_path,
+                         '[backends.exp]\nkind = "export"\n'
+                         '[backends.aoti]\nkind = "inductor_aot"\n'
+                         '[backends.trt]\nkind = "torch_tensorrt_aot"\n'
+                         '[backends.trt_ts]\nkind = "torch_tensorrt_aot"\noutput_format = "torchscript"\n'
+                         '[backends.trt_aoti]\nkind = "torch_tensorrt_aot"\noutput_format = "aot_inductor"\n'
+                         '[backends.jit]\nkind = "inductor_jit"\n'
+                         '[backends.trt_jit]\nkind = "torch_tensorrt_jit"\n'
+                         '[backends.eager]\nkind = "eager"\n')
+    assert {name: b.gpu_free_phases for name, b in backends.items()} == {
+        "exp": ("saving", "loading"), "aoti": ("loading",), "trt": ("saving", "loading"), "trt_ts": ("loading",),
+        "trt_aoti": ("loading",), "jit": (), "trt_jit": (), "eager": ()}
 
 
 def test_which_compiles_time_kernels_and_so_take_their_gpu_alone(tmp_path: Path) -> None:
     """A compile that times kernels must not run beside another target's check (gpus.GpuPool, exclusive)."""
-    from aitune_build.backends import backend_for
     from aitune_build.backends.tensorrt_common import distribution
-    from aitune_build.manifest import load_manifest
 
-    (tmp_path / "aitune.toml").write_text(
-        '[project]\nname = "k"\n'
-        '[backends.exp]\nkind = "export"\n'
-        '[backends.aoti]\nkind = "inductor_aot"\n'
-        '[backends.aoti_tuned]\nkind = "inductor_aot"\ninductor_configs = { max_autotune = true }\n'
-        '[backends.jit]\nkind = "inductor_jit"\n'
-        '[backends.jit_mode]\nkind = "inductor_jit"\nmode = "max-autotune"\n'
-        '[backends.jit_options]\nkind = "inductor_jit"\noptions = { max_autotune_gemm = true }\n'
-        '[backends.trt]\nkind = "torch_tensorrt_aot"\n'
-        '[backends.trt_jit]\nkind = "torch_tensorrt_jit"\n')
-    configs = load_manifest(tmp_path / "aitune.toml").model.backends
-    times = {name: backend_for(c.kind)(c).times_kernels for name, c in configs.items()}
+    backends = _backends(tmp_path,
+                         '[backends.exp]\nkind = "export"\n'
+                         '[backends.aoti]\nkind = "inductor_aot"\n'
+                         '[backends.aoti_tuned]\nkind = "inductor_aot"\ninductor_configs = { max_autotune = true }\n'
+                         '[backends.jit]\nkind = "inductor_jit"\n'
+                         '[backends.jit_mode]\nkind = "inductor_jit"\nmode = "max-autotune"\n'
+                         '[backends.jit_options]\nkind = "inductor_jit"\noptions = { max_autotune_gemm = true }\n'
+                         '[backends.trt]\nkind = "torch_tensorrt_aot"\n'
+                         '[backends.trt_jit]\nkind = "torch_tensorrt_jit"\n')
+    times = {name: b.times_kernels for name, b in backends.items()}
     rtx = (distribution() or ("", False))[1]  # TensorRT-RTX picks kernels at run time; NVIDIA TensorRT's builder times
     assert times == {"exp": False, "aoti": False, "aoti_tuned": True, "jit": False, "jit_mode": True, "jit_options": True,
                      "trt": not rtx, "trt_jit": not rtx}

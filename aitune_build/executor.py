@@ -622,7 +622,9 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
             if project.remote is not None and outcome.get("transfer") != "remote":  # a Ray node uploaded it already
                 project.remote.upload(entry, name, early)  # in the background; Project.close waits for it
                 early = None
-        return TargetResult(name, BUILT, key, reason="built", record=read_record(folder) or meta, source="built", **where)
+        notes = (outcome.get("record") or {}).get("notes") or []  # what the backend says a user must know
+        return TargetResult(name, BUILT, key, reason="; ".join(["built", *notes]), record=read_record(folder) or meta,
+                            source="built", **where)
     finally:
         if early is not None:
             early.withdraw()  # the build or its check failed: the early upload's object never appears

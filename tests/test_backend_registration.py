@@ -114,6 +114,11 @@ def test_registered_kind_builds_keys_and_takes_from(project: Path, registered: N
     # the check runs the loaded toy artifact: doubling the output no longer matches eager
     code, out, data = run_cli(project, "build", "mlp_toy", "--json")
     assert code != 0 and "check against eager failed" in json.dumps(data), out
+    # a backend's notes (e.g. torch_tensorrt_jit: subgraphs that fell back to PyTorch) end the target's line
+    (project / "aitune.toml").write_text(TOY.replace('label = "hello"', 'label = "hello"\nextra = { note = "ran on a toy" }'))
+    code, out, data = run_cli(project, "build", "mlp_toy", "--json")
+    assert code == 0 and data["targets"][-1]["reason"] == "built; ran on a toy", out
+    assert json.loads((project / "build/mlp_toy/build.json").read_text())["record"]["notes"] == ["ran on a toy"]
 
     # the validation remembered for these bytes was made with toy registered: without it, the kind is unknown again
     import os

@@ -259,3 +259,28 @@ def test_gpu_aot_other_output_formats(gpu_project: Path, target: str, artifact: 
     m = aitune_build.load(target, manifest=str(gpu_project / "aitune.toml"))
     for batch in (1, 7, 16):
         assert m(torch.randn(batch, 3, 32, 32, device="cuda")).shape == (batch, 10)
+
+
+def test_subgraphs_that_torch_tensorrt_could_not_convert_are_collected_for_the_record() -> None:
+    """torch.compile(backend="torch_tensorrt") returns a subgraph it cannot convert as plain PyTorch with only a warning
+    on its logger (torch_tensorrt 2.x: dynamo/backend/backends.py); the JIT backend collects those while it builds
+    and checks, so build.json and the build's output say the target is not all TensorRT. The record below is the one
+    that module logs (its logger, message and exc_info), made here without torch_tensorrt."""
+    import logging
+
+    from aitune_build.backends.tensorrt_common import FALLBACK_LOGGER, FallbackLog, fallback_note
+
+    log = logging.getLogger(FALLBACK_LOGGER)
+    watched = FallbackLog()
+    try:
+        raise RuntimeError("Conversion of function torch._ops.aten.foo.default not currently supported!")
+    except RuntimeError:
+        log.warning("TRT conversion failed on the subgraph. See trace above. Returning GraphModule forward instead.",
+                    exc_info=True)
+    log.warning("require_full_compilation arg is not applicable for torch.compile with backend='torch_tensorrt")
+    failures = watched.detach()
+    log.warning("TRT conversion failed on the subgraph. See trace above. Returning GraphModule forward instead.")
+    assert failures == ["RuntimeError: Conversion of function torch._ops.aten.foo.default not currently supported!"]
+    note = fallback_note(failures)
+    assert note.startswith("1 subgraph fell back to PyTorch: torch_tensorrt could not convert it (RuntimeError: ")
+    assert "pass_through_build_failures = true" in note

@@ -27,7 +27,8 @@ class ToyBackend(Backend):
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
         self.write_record(ctx)
-        return {"toy_label": self.config.label, "toy_from": ctx.upstream is not None}
+        notes = [self.config.extra["note"]] if "note" in self.config.extra else []  # what the build's output must say
+        return {"toy_label": self.config.label, "toy_from": ctx.upstream is not None, **({"notes": notes} if notes else {})}
 
     def load(self, ctx: BuildContext):
         module, scale = ctx.source_module(), self.config.scale

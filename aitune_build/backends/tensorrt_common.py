@@ -235,3 +235,50 @@ class CastingCall:
 
     def __call__(self, **inputs: Any) -> Any:
         return self.fn(**cast_inputs(inputs, self.cast))
+
+
+# torch.compile(backend="torch_tensorrt") returns a subgraph it cannot convert as the plain PyTorch graph, with only this
+# warning (torch_tensorrt/dynamo/backend/backends.py, 2.x): the target still passes its check, but runs that part in
+# PyTorch. The build records it rather than let a target look compiled that is not.
+FALLBACK_LOGGER = "torch_tensorrt.dynamo.backend.backends"
+FALLBACK_MESSAGE = "TRT conversion failed on the subgraph"
+
+
+class FallbackLog:
+    """Collects those warnings while attached (in the worker, from build() to after_check())."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.failures: list[str] = []
+        log = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                try:
+                    if FALLBACK_MESSAGE not in record.getMessage():
+                        return
+                    from ..failures import summary
+
+                    err = record.exc_info[1] if record.exc_info else None
+                    log.failures.append(summary(err, 300) if err is not None else "no error given")
+                except Exception:  # noqa: BLE001  (logging must never fail the compile it reports on)
+                    pass
+
+        self._handler = _Handler(logging.WARNING)
+        logging.getLogger(FALLBACK_LOGGER).addHandler(self._handler)
+
+    def detach(self) -> list[str]:
+        """Stop collecting; the causes of the subgraphs that fell back, in order."""
+        import logging
+
+        logging.getLogger(FALLBACK_LOGGER).removeHandler(self._handler)
+        return self.failures
+
+
+def fallback_note(failures: list[str]) -> str:
+    """One line for build.json's notes and the build's output."""
+    n = len(failures)
+    return (f"{n} subgraph{'s' if n != 1 else ''} fell back to PyTorch: torch_tensorrt could not convert "
+            f"{'them' if n != 1 else 'it'} ({failures[0]}); pass_through_build_failures = true in compile_config "
+            "makes that an error")

@@ -48,11 +48,19 @@ class TorchTensorRTJitBackend(Backend):
         _, plan, version = trt.prepare(ctx, self.config)
         self.write_record(ctx)
         (ctx.artifact_dir / ENGINE_CACHE).mkdir(exist_ok=True)
+        ctx.extra["trt_fallbacks"] = trt.FallbackLog()  # the check's first call compiles: what did not convert
         return {"precision": plan.note, "cast": plan.cast, "torch_tensorrt": version, "engine_cache": self.config.engine_cache}
 
     def after_check(self, ctx: BuildContext) -> dict[str, Any]:
         with ctx.phase("save"):
-            return compile_cache.save(ctx.artifact_dir)
+            saved = compile_cache.save(ctx.artifact_dir)
+        watched = ctx.extra.pop("trt_fallbacks", None)
+        failures = watched.detach() if watched is not None else []
+        if failures:
+            note = trt.fallback_note(failures)
+            print(f"aitune-build: warning: {note}", flush=True)
+            return {**saved, "trt_fallbacks": failures, "notes": [note]}
+        return {**saved, "trt_fallbacks": []}
 
     def load(self, ctx: BuildContext):
         import torch

@@ -462,8 +462,17 @@ def _measure(project: Project, target: str, backends: list[str], runner: Runner)
     with open(folder / LOG, "ab") as log, runner.measuring_gpu() if "cuda" in devices else _NoLock() as gpu:
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu.visible_devices
+        crashed: dict[str, dict[str, Any]] = {}  # candidates whose measuring process died with them alone
         while len(results) < most:
             got = run_measuring_process(job, folder, env, log)
+            if got.get("failed") and not crashed and len(job["candidates"]) > 1:
+                # The process died (a segfault in one candidate's engine, say): which candidate? Each alone, then
+                # the others together again, so one crashing candidate is rejected and the rest still measured.
+                crashed = crashing_candidates(job, folder, env, log)
+                if crashed and len(crashed) < len(job["candidates"]):
+                    job = {**job, "candidates": [c for c in job["candidates"] if c["id"] not in crashed]}
+                    continue
+            got["entries"].update(crashed)
             results.append(got)
             if got.get("failed"):
                 break
@@ -472,6 +481,18 @@ def _measure(project: Project, target: str, backends: list[str], runner: Runner)
             if len(results) >= least and len(winners) == 1:
                 break
     return combine(results)
+
+
+def crashing_candidates(job: dict[str, Any], folder: Path, env: dict[str, str], log: Any) -> dict[str, dict[str, Any]]:
+    """After a measuring process died: each candidate measured alone; {id: its error entry} for those whose process
+    died too (each alone means: not interleaved with the others, so those timings are not used)."""
+    crashed = {}
+    for c in job["candidates"]:
+        alone = run_measuring_process({**job, "candidates": [c], "baselines": []}, folder, env, log)
+        if alone.get("failed"):
+            crashed[c["id"]] = {**alone["entries"][c["id"]], "error": f"{alone['entries'][c['id']]['error']}, measuring "
+                                "it alone (the others were measured without it)"}
+    return crashed
 
 
 def run_measuring_process(job: dict[str, Any], folder: Path, env: dict[str, str], log: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import tarfile
@@ -421,6 +422,35 @@ def test_failed_candidates_are_rejected_with_the_reason_and_first_wins_stops_ear
     assert "x eager is below min_speedup 1000" in reasons["gated"]
     assert "over the latency budget" in reasons["budget"]
     assert not (root / "build/none/build.json").exists()
+
+
+@pytest.mark.slow
+def test_a_candidate_that_kills_its_measuring_process_is_rejected_and_the_others_are_still_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A measuring process times all candidates together; one that crashes it (a segfaulting engine) would fail them
+    all. Each is then measured alone to find which, and the others are measured together again without it."""
+    monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("AITUNE_BACKENDS", "crashing_toy=tests.toy_backend:CrashingToyBackend")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
+                                                                  os.environ.get("PYTHONPATH")) if p))
+    root = make(tmp_path / "p", textwrap.dedent("""
+        [backends.crash]
+        kind = "crashing_toy"
+
+        [targets.t]
+        module = "mlp"
+        candidates = ["crash", "exp", "ref"]
+        """))
+    data = build(root)
+    assert statuses(data) == {"t": "built"}, data
+    sel = selection(root, "t")
+    by = rows(sel)
+    assert sel["winner"] in ("exp", "ref"), sel
+    assert by["crash"]["build"] == "built"  # its check passed: only measuring it kills the process
+    assert by["crash"]["rejected"].startswith("failed while measuring: the measuring process exited with code -9"), by
+    assert by["crash"]["rejected"].endswith("measuring it alone (the others were measured without it)"), by
+    for b in ("exp", "ref"):
+        assert by[b]["rejected"] is None and by[b]["latency_ms"], by[b]
 
 
 @pytest.mark.slow

@@ -86,3 +86,30 @@ class SaveOnGpuProbeBackend(SaveProbeBackend):
 
     kind = "saveprobe_gpu"
     saves_off_gpu = False
+
+
+class CrashingToyConfig(ToyConfig):
+    """The toy's config, for a kind of its own."""
+
+
+class CrashingToyBackend(ToyBackend):
+    """The toy, whose loaded module kills its own process at its 21st call: a build's check (a few calls) passes, a
+    tuning measurement (many calls) dies with it, as with an engine that segfaults under load.
+    AITUNE_BACKENDS="crashing_toy=tests.toy_backend:CrashingToyBackend"."""
+
+    kind = "crashing_toy"
+    config_class = CrashingToyConfig
+
+    def load(self, ctx: BuildContext):
+        import os
+        import signal
+
+        call, calls = super().load(ctx), [0]
+
+        def crashing(**inputs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] > 20:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return call(**inputs)
+
+        return crashing

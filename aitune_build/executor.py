@@ -633,14 +633,13 @@ def _compile(project: Project, name: str, key: str, comps: dict[str, Any], backe
 
 
 class OnPhase:
-    """Calls `then()` once, in a thread of its own, when the worker writing `progress` has reported `phase` (or any
-    of several); stop() ends the watch (waiting for a call under way). A worker that ends before it never calls it."""
+    """Calls `then()` once, in a thread of its own, when the worker writing `progress` has reported one of `phases`;
+    stop() ends the watch (waiting for a call under way). A worker that ends before any of them never calls it."""
 
-    def __init__(self, progress: Path, phase: str | tuple[str, ...], then: Callable[[], None]):
-        phases = {phase} if isinstance(phase, str) else set(phase)
+    def __init__(self, progress: Path, phases: tuple[str, ...], then: Callable[[], None]):
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(progress, phases, then),
-                                        name=f"aitune-on-{'-'.join(sorted(phases))}", daemon=True)
+        self._thread = threading.Thread(target=self._watch, args=(progress, set(phases), then),
+                                        name=f"aitune-on-{'-'.join(phases)}", daemon=True)
         self._thread.start()
 
     def _watch(self, progress: Path, phases: set[str], then: Callable[[], None]) -> None:
@@ -670,7 +669,7 @@ class _UploadOnceWritten:
             def start() -> None:
                 self.early = remote.upload_early(folder, artifact)
 
-            self._watch = OnPhase(progress, ARTIFACT_WRITTEN, start)
+            self._watch = OnPhase(progress, (ARTIFACT_WRITTEN,), start)
 
     def stop(self) -> Any:
         if self._watch is not None:

@@ -490,8 +490,9 @@ def crashing_candidates(job: dict[str, Any], folder: Path, env: dict[str, str], 
     for c in job["candidates"]:
         alone = run_measuring_process({**job, "candidates": [c], "baselines": []}, folder, env, log)
         if alone.get("failed"):
-            crashed[c["id"]] = {**alone["entries"][c["id"]], "error": f"{alone['entries'][c['id']]['error']}, measuring "
-                                "it alone (the others were measured without it)"}
+            entry = alone["entries"][c["id"]]
+            crashed[c["id"]] = {**entry, "error": f"{entry['error']}, measuring it alone (the others were measured "
+                                "without it)"}
     return crashed
 
 

@@ -592,8 +592,6 @@ def test_the_gpu_is_given_back_when_a_save_that_needs_no_gpu_starts(tmp_path: Pa
     monkeypatch.setenv("AITUNE_BACKENDS", "saveprobe=tests.toy_backend:SaveProbeBackend,"
                                           "saveprobe_gpu=tests.toy_backend:SaveOnGpuProbeBackend")
     monkeypatch.setenv(TEST_GPU_BOUND_ENV, "saveprobe,saveprobe_gpu")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
-                                                                  os.environ.get("PYTHONPATH")) if p))
     saw, waited, before = {}, {}, {}
     for kind, wait_s in (("saveprobe", 20), ("saveprobe_gpu", 2)):
         for f in log.glob("started-*"):

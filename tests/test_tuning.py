@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import tarfile
@@ -431,8 +430,6 @@ def test_a_candidate_that_kills_its_measuring_process_is_rejected_and_the_others
     all. Each is then measured alone to find which, and the others are measured together again without it."""
     monkeypatch.delenv("AITUNE_CACHE_DIR", raising=False)
     monkeypatch.setenv("AITUNE_BACKENDS", "crashing_toy=tests.toy_backend:CrashingToyBackend")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(Path(__file__).parent.parent),
-                                                                  os.environ.get("PYTHONPATH")) if p))
     root = make(tmp_path / "p", textwrap.dedent("""
         [backends.crash]
         kind = "crashing_toy"

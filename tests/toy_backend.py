@@ -59,22 +59,25 @@ class SaveProbeBackend(Backend):
     saves_off_gpu = True
 
     def build(self, ctx: BuildContext) -> dict[str, Any]:
-        import time
         from pathlib import Path
 
         if self.config.mark:
             Path(self.config.mark).touch()
-        deadline = time.monotonic() + 1.0  # before the save, the other build cannot have started unless it came first
-        while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        saw_before_save = bool(self.config.wait_for) and Path(self.config.wait_for).exists()
+        saw_before_save = self._came(1.0)  # before the save, the other build cannot have started unless it came first
         with ctx.phase("save"):
-            deadline = time.monotonic() + self.config.wait_s
-            while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            saw = bool(self.config.wait_for) and Path(self.config.wait_for).exists()
+            saw = self._came(self.config.wait_s)
             self.write_record(ctx)
         return {"saw": saw, "saw_before_save": saw_before_save}
+
+    def _came(self, within_s: float) -> bool:
+        """Whether the file `wait_for` exists within WITHIN_S seconds (none named: False)."""
+        import time
+        from pathlib import Path
+
+        deadline = time.monotonic() + within_s
+        while self.config.wait_for and not Path(self.config.wait_for).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(self.config.wait_for) and Path(self.config.wait_for).exists()
 
     def load(self, ctx: BuildContext):
         module = ctx.source_module()
